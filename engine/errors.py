@@ -1,0 +1,24 @@
+"""Errors that carry a message meant for the user.
+
+The CLI prints these as one line (no traceback); anything else is a bug and keeps its traceback.
+"""
+
+
+class SmoothServeError(Exception):
+    """Base class: the message is complete and safe to show to a user."""
+
+
+class ConfigError(SmoothServeError, ValueError):
+    """A configuration value is invalid."""
+
+
+class ModelLoadError(SmoothServeError):
+    """A model directory, hub name or checkpoint file cannot be used."""
+
+
+class CalibrationError(SmoothServeError):
+    """Calibration data is missing, empty or unusable."""
+
+
+class QuantizationError(SmoothServeError):
+    """A model cannot be smoothed or quantized as asked."""

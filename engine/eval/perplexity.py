@@ -1,0 +1,43 @@
+"""Perplexity of a token stream, scored with a sliding window of the model's context."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.models.opt import OPTForCausalLM
+
+
+@torch.no_grad()
+def perplexity(
+    model: OPTForCausalLM, token_ids: torch.Tensor, window: int, stride: int | None = None, progress: bool = False
+) -> float:
+    """exp(mean NLL) over tokens 1..N-1 of `token_ids` [N] (token 0 is context only, e.g. BOS).
+
+    Windows of `window` tokens advance by `stride` (default: window // 2); each token is scored once,
+    in the first window that reaches it, with up to window - stride tokens of context before it.
+    """
+    if token_ids.dim() != 1 or len(token_ids) < 2:
+        raise ValueError("perplexity needs a 1-D stream of at least 2 tokens")
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window], got {stride} for window {window}")
+    device = next(model.parameters()).device
+    total_nll, scored_until = 0.0, 1  # tokens [1, scored_until) are scored
+    starts = range(0, len(token_ids) - 1, stride)
+    for start in tqdm(starts, desc="Perplexity", unit="window", disable=not progress):
+        end = min(start + window, len(token_ids))
+        if end <= scored_until:
+            continue
+        chunk = token_ids[start:end].to(device)
+        logits = model.score(chunk[None])[0].float()  # [L, vocab]
+        first_target = scored_until - start  # chunk index of the first token not yet scored
+        nll = F.cross_entropy(logits[first_target - 1 : -1], chunk[first_target:], reduction="sum")
+        total_nll += nll.item()
+        scored_until = end
+        if end == len(token_ids):
+            break
+    return math.exp(total_nll / (len(token_ids) - 1))

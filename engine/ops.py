@@ -1,0 +1,251 @@
+"""One wrapper per kernel: check inputs, then run the compiled CUDA op or the PyTorch reference.
+
+The references below are the specification of every kernel in csrc/ (the GPU tests compare against
+them) and the implementation used on the CPU. Conventions shared by all of them:
+
+- int8 is symmetric: q = clamp(round_half_even(x / scale), -128, 127); dequantized x ~ q * scale.
+- Dynamic scales are absmax / 127 in float32, so dynamically quantized values lie in [-127, 127].
+- A matrix product of int8 operands accumulates exactly in int32; scales and bias are applied
+  afterwards in float32 (the GEMM epilogue), then the result is cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+INT8_MAX = 127.0
+# A token (or tensor) that is all zeros would give a zero scale; this floor keeps 0 / scale finite.
+MIN_SCALE = 1e-8
+
+
+class QuantizedActivation(NamedTuple):
+    """An int8 activation with its dequantization scale: per token `[M]` or per tensor `[1]`."""
+
+    data: torch.Tensor  # int8 [M, K]
+    scale: torch.Tensor  # float32 [M] or [1]
+    dtype: torch.dtype  # the floating dtype the activation had (and the consumer's output dtype)
+
+
+def _extension_op(name: str) -> torch._ops.OpOverloadPacket | None:
+    """The compiled op `torch.ops.smoothserve.<name>`, or None when the extension is not built."""
+    namespace = getattr(torch.ops, "smoothserve", None)
+    try:
+        return getattr(namespace, name) if namespace is not None else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_warned_reference_on_gpu: set[str] = set()
+
+
+def _cuda_op_or_none(name: str, tensor: torch.Tensor) -> torch._ops.OpOverloadPacket | None:
+    if not tensor.is_cuda:
+        return None
+    op = _extension_op(name)
+    if op is None and name not in _warned_reference_on_gpu:
+        _warned_reference_on_gpu.add(name)
+        logger.warning("smoothserve CUDA extension has no op %r: running the slow PyTorch reference on the GPU", name)
+    return op
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_float_2d(x: torch.Tensor, what: str) -> None:
+    _check(x.dim() == 2, f"{what} must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check(x.is_floating_point(), f"{what} must be a floating tensor, got {x.dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization of activations
+
+
+def _round_to_int8(x_over_scale: torch.Tensor) -> torch.Tensor:
+    # torch.round rounds half to even, like cvt.rni in CUDA.
+    return torch.round(x_over_scale).clamp_(-128.0, INT8_MAX).to(torch.int8)
+
+
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / INT8_MAX).clamp_(min=MIN_SCALE)
+    return _round_to_int8(xf / scale[:, None]), scale
+
+
+def quantize_per_tensor_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = (xf.abs().amax() / INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
+    return _round_to_int8(xf / scale), scale
+
+
+def quantize_static_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _round_to_int8(x.float() / scale.float())
+
+
+def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
+    """Per-token dynamic quantization (SmoothQuant O1): one scale per row."""
+    _check_float_2d(x, "quantize_per_token input")
+    op = _cuda_op_or_none("quantize_per_token", x)
+    q, scale = op(x) if op is not None else quantize_per_token_reference(x)
+    return QuantizedActivation(q, scale, x.dtype)
+
+
+def quantize_per_tensor(x: torch.Tensor) -> QuantizedActivation:
+    """Per-tensor dynamic quantization (SmoothQuant O2): one scale for the whole batch."""
+    _check_float_2d(x, "quantize_per_tensor input")
+    op = _cuda_op_or_none("quantize_per_tensor", x)
+    q, scale = op(x) if op is not None else quantize_per_tensor_reference(x)
+    return QuantizedActivation(q, scale, x.dtype)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> QuantizedActivation:
+    """Per-tensor static quantization (SmoothQuant O3): the scale comes from calibration."""
+    _check_float_2d(x, "quantize_static input")
+    _check(scale.numel() == 1 and scale.dtype == torch.float32, "static scale must be a float32 tensor of 1 element")
+    op = _cuda_op_or_none("quantize_static", x)
+    q = op(x, scale) if op is not None else quantize_static_reference(x, scale)
+    return QuantizedActivation(q, scale.reshape(1), x.dtype)
+
+
+def quantize_activation(x: torch.Tensor, mode: str, static_scale: torch.Tensor | None = None) -> QuantizedActivation:
+    """Quantize `x` [M, K] as the level asks: per_token | per_tensor_dynamic | per_tensor_static."""
+    if mode == "per_token":
+        return quantize_per_token(x)
+    if mode == "per_tensor_dynamic":
+        return quantize_per_tensor(x)
+    if mode == "per_tensor_static":
+        _check(static_scale is not None, "per_tensor_static quantization needs a calibrated scale")
+        return quantize_static(x, static_scale)
+    raise ValueError(f"unknown activation quantization mode {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm followed by quantization (the LayerNorm in front of q/k/v and fc1)
+
+
+def layernorm_quant_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mode: str,
+    static_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The fused kernel keeps the normalized values in float32 registers: no rounding to fp16 between.
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    normed = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+    if mode == "per_token":
+        return quantize_per_token_reference(normed)
+    if mode == "per_tensor_dynamic":
+        return quantize_per_tensor_reference(normed)
+    assert static_scale is not None
+    return quantize_static_reference(normed, static_scale), static_scale.reshape(1)
+
+
+def layernorm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mode: str,
+    static_scale: torch.Tensor | None = None,
+) -> QuantizedActivation:
+    """LayerNorm over the last dimension, then int8 quantization, in one pass."""
+    _check_float_2d(x, "layernorm_quant input")
+    _check(mode in ("per_token", "per_tensor_dynamic", "per_tensor_static"), f"unknown mode {mode!r}")
+    _check(mode != "per_tensor_static" or static_scale is not None, "static mode needs a calibrated scale")
+    op = _cuda_op_or_none("layernorm_quant", x)
+    if op is not None:
+        q, scale = op(x, weight, bias, eps, mode, static_scale)
+    else:
+        q, scale = layernorm_quant_reference(x, weight, bias, eps, mode, static_scale)
+    return QuantizedActivation(q, scale, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The W8A8 GEMM
+
+
+def int8_matmul_float64(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K] @ w int8 [N, K]^T -> int32 [M, N] through float64, which is exact here: every
+    product and partial sum is an integer of magnitude <= K * 128 * 128, far below 2**53 for any
+    K < 2**39, so no step rounds whatever the summation order."""
+    return (a.double() @ w.double().t()).to(torch.int32)
+
+
+def int8_matmul_exact(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K] @ w int8 [N, K]^T -> int32 [M, N], exactly (int32 accumulation on the CPU)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, w.t().contiguous())
+    return int8_matmul_float64(a, w)
+
+
+def w8a8_gemm_reference(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    acc = int8_matmul_exact(a, w).float()
+    out = acc * a_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    if relu:
+        out = out.clamp_(min=0.0)
+    return out.to(out_dtype)
+
+
+def w8a8_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    out_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """out[m, n] = a_scale[m] * w_scale[n] * sum_k a[m, k] * w[n, k] + bias[n], optionally ReLU'd.
+
+    a: int8 [M, K] row-major; w: int8 [N, K] (K-major, as nn.Linear stores weights);
+    a_scale: float32 [M] (per token) or [1]; w_scale: float32 [N] (per channel) or [1].
+    """
+    _check(a.dtype == torch.int8 and w.dtype == torch.int8, f"w8a8_gemm needs int8 operands, got {a.dtype}, {w.dtype}")
+    _check(a.dim() == 2 and w.dim() == 2, "w8a8_gemm operands must be 2-D")
+    m, k = a.shape
+    n = w.shape[0]
+    _check(w.shape[1] == k, f"w8a8_gemm K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
+    _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
+    _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
+    _check(bias is None or bias.numel() == n, f"bias must have {n} elements")
+    _check(out_dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported output dtype {out_dtype}")
+    op = _cuda_op_or_none("w8a8_gemm", a)
+    if op is not None:
+        return op(a, w, a_scale, w_scale, bias, relu, out_dtype)
+    return w8a8_gemm_reference(a, w, a_scale, w_scale, bias, relu, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight quantization: per output channel (`[N]` scales) or per tensor (`[1]`)."""
+    wf = weight.float()
+    if granularity == "per_channel":
+        scale = (wf.abs().amax(dim=1) / INT8_MAX).clamp_(min=MIN_SCALE)
+        return _round_to_int8(wf / scale[:, None]), scale
+    if granularity == "per_tensor":
+        scale = (wf.abs().amax() / INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
+        return _round_to_int8(wf / scale), scale
+    raise ValueError(f"unknown weight granularity {granularity!r}")
