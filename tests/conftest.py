@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only clutter captured test output
+
 from pathlib import Path
 
 import pytest

@@ -71,9 +71,18 @@ def resolve_model_dir(name: str, revision: str | None = None) -> Path:
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    try:
-        from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
+    try:  # a copy already in the local Hugging Face cache needs no network
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"model {repo_id!r} is not a local directory, not in the Hugging Face cache, and could not be fetched "
+            "from the Hugging Face hub (HF_HUB_OFFLINE is set); download it first and pass its directory"
+        )
+    try:
         files = HfApi().list_repo_files(repo_id, revision=revision)
         weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.txt", weights]))
