@@ -122,3 +122,19 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="could not be fetched from the Hugging Face hub"):
         resolve_model_dir("facebook/opt-125m-smoothserve-test-absent")
+
+
+def test_shards_are_read_one_at_a_time(tiny_model_dir, reference, tmp_path) -> None:
+    """The second shard is not opened before the first one's tensors have been consumed."""
+    from engine.models.loader import iterate_checkpoint
+
+    tensors, _ = reference
+    first = tmp_path / "model-00001-of-00002.safetensors"
+    second = tmp_path / "model-00002-of-00002.safetensors"
+    save_file(tensors, str(first))
+    second.write_bytes(b"not a safetensors file")
+    stream = iterate_checkpoint([first, second])
+    consumed = [next(stream) for _ in range(len(tensors))]
+    assert {name for name, _ in consumed} == set(tensors)
+    with pytest.raises(ModelLoadError, match="cannot read safetensors file model-00002"):
+        next(stream)
