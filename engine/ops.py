@@ -32,26 +32,25 @@ class QuantizedActivation(NamedTuple):
     dtype: torch.dtype  # the floating dtype the activation had (and the consumer's output dtype)
 
 
-def _extension_op(name: str) -> torch._ops.OpOverloadPacket | None:
-    """The compiled op `torch.ops.smoothserve.<name>`, or None when the extension is not built."""
-    namespace = getattr(torch.ops, "smoothserve", None)
+def _load_extension() -> bool:
+    """Import the compiled ops (they register themselves as torch.ops.smoothserve.*)."""
     try:
-        return getattr(namespace, name) if namespace is not None else None
-    except (AttributeError, RuntimeError):
-        return None
+        import engine._C  # noqa: F401
+    except ImportError as error:
+        if torch.cuda.is_available():
+            logger.warning("smoothserve CUDA extension not available (%s): GPU runs use slow PyTorch references", error)
+        return False
+    return True
 
 
-_warned_reference_on_gpu: set[str] = set()
+EXTENSION_LOADED = _load_extension()
 
 
 def _cuda_op_or_none(name: str, tensor: torch.Tensor) -> torch._ops.OpOverloadPacket | None:
-    if not tensor.is_cuda:
+    """The compiled op for a CUDA tensor; None on the CPU, where the reference is the implementation."""
+    if not tensor.is_cuda or not EXTENSION_LOADED:
         return None
-    op = _extension_op(name)
-    if op is None and name not in _warned_reference_on_gpu:
-        _warned_reference_on_gpu.add(name)
-        logger.warning("smoothserve CUDA extension has no op %r: running the slow PyTorch reference on the GPU", name)
-    return op
+    return getattr(torch.ops.smoothserve, name)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -229,9 +228,13 @@ def w8a8_gemm(
     _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
     _check(bias is None or bias.numel() == n, f"bias must have {n} elements")
     _check(out_dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported output dtype {out_dtype}")
+    _check(k % 16 == 0 and n % 16 == 0, f"w8a8_gemm needs K and N to be multiples of 16, got K={k}, N={n}")
     op = _cuda_op_or_none("w8a8_gemm", a)
     if op is not None:
-        return op(a, w, a_scale, w_scale, bias, relu, out_dtype)
+        _check(out_dtype != torch.float32, "the CUDA W8A8 GEMM writes float16 or bfloat16; run W8A8 models in those")
+        if bias is not None and bias.dtype != out_dtype:
+            bias = bias.to(out_dtype)
+        return op(a, w, a_scale.contiguous(), w_scale.contiguous(), bias, relu, out_dtype)
     return w8a8_gemm_reference(a, w, a_scale, w_scale, bias, relu, out_dtype)
 
 
@@ -249,3 +252,30 @@ def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tenso
         scale = (wf.abs().amax() / INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
         return _round_to_int8(wf / scale), scale
     raise ValueError(f"unknown weight granularity {granularity!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes of the compiled ops for tracing (torch.compile, meta tensors)
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("smoothserve::w8a8_gemm")
+    def _w8a8_gemm_fake(a, w, a_scale, w_scale, bias, relu, out_dtype):
+        return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("smoothserve::quantize_per_token")
+    def _quantize_per_token_fake(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("smoothserve::quantize_per_tensor")
+    def _quantize_per_tensor_fake(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((1,), dtype=torch.float32)
+
+    @torch.library.register_fake("smoothserve::quantize_static")
+    def _quantize_static_fake(x, scale):
+        return x.new_empty(x.shape, dtype=torch.int8)
+
+    @torch.library.register_fake("smoothserve::layernorm_quant")
+    def _layernorm_quant_fake(x, weight, bias, eps, mode, static_scale):
+        rows = x.shape[0] if mode == "per_token" else 1
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32)

@@ -25,14 +25,13 @@ def perplexity(
     stride = stride or max(1, window // 2)
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be in [1, window], got {stride} for window {window}")
-    device = next(model.parameters()).device
     total_nll, scored_until = 0.0, 1  # tokens [1, scored_until) are scored
     starts = range(0, len(token_ids) - 1, stride)
     for start in tqdm(starts, desc="Perplexity", unit="window", disable=not progress):
         end = min(start + window, len(token_ids))
         if end <= scored_until:
             continue
-        chunk = token_ids[start:end].to(device)
+        chunk = token_ids[start:end].to(model.device)
         logits = model.score(chunk[None])[0].float()  # [L, vocab]
         first_target = scored_until - start  # chunk index of the first token not yet scored
         nll = F.cross_entropy(logits[first_target - 1 : -1], chunk[first_target:], reduction="sum")

@@ -155,6 +155,10 @@ class OPTForCausalLM(nn.Module):
         self.arch = arch
         self.decoder = OPTDecoder(arch)
 
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, word_embed_proj_dim]."""
         return self.decoder(input_ids, positions, metadata)

@@ -42,10 +42,9 @@ def calibrate(
         return hook
 
     handles = [module.register_forward_pre_hook(recorder(name)) for name, module in linears.items()]
-    device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(token_ids), batch_size), desc="Calibrating", unit="batch", disable=not progress):
-            model.score(token_ids[start : start + batch_size].to(device))
+            model.score(token_ids[start : start + batch_size].to(model.device))
     finally:
         for handle in handles:
             handle.remove()

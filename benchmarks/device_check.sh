@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the GPU tests, run the kernel benchmark.
+#   bash benchmarks/device_check.sh [tests-only|bench-only]
+# Needs the nvidia-cutlass wheel in .whl/ (carried). Logs, results and the built .so go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+start=$(date +%s)
+if ! ls engine/_C*.so >/dev/null 2>&1; then
+    MAX_JOBS=16 SMOOTHSERVE_BUILD_EXT=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+        || { tail -60 "$OUT/build.log"; exit 1; }
+fi
+cp engine/_C*.so "$OUT/" 2>/dev/null
+echo "build: $(( $(date +%s) - start )) s"
+
+if [ "${1:-all}" != "bench-only" ]; then
+    start=$(date +%s)
+    python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+    echo "gpu tests: $(( $(date +%s) - start )) s"
+fi
+if [ "${1:-all}" != "tests-only" ]; then
+    start=$(date +%s)
+    python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20
+    echo "benchmark: $(( $(date +%s) - start )) s"
+fi

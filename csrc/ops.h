@@ -1,0 +1,26 @@
+// Every op of the smoothserve extension; schemas live in torch_bindings.cpp.
+#pragma once
+
+#include <torch/all.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace smoothserve {
+
+torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& a_scale,
+                        const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias, bool relu,
+                        at::ScalarType out_dtype);
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_per_token(const torch::Tensor& x);
+std::tuple<torch::Tensor, torch::Tensor> quantize_per_tensor(const torch::Tensor& x);
+torch::Tensor quantize_static(const torch::Tensor& x, const torch::Tensor& scale);
+
+std::tuple<torch::Tensor, torch::Tensor> layernorm_quant(const torch::Tensor& x,
+                                                         const std::optional<torch::Tensor>& weight,
+                                                         const std::optional<torch::Tensor>& bias, double eps,
+                                                         const std::string& mode,
+                                                         const std::optional<torch::Tensor>& static_scale);
+
+}  // namespace smoothserve

@@ -1,0 +1,138 @@
+// LayerNorm over the last dimension followed by int8 quantization, without writing the normalized
+// activations to memory. Statistics are two-pass (mean, then variance) in float32, like PyTorch.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../cuda_utils.h"
+#include "../ops.h"
+#include "quantize_common.cuh"
+
+namespace smoothserve {
+namespace {
+
+enum class Mode { kPerToken, kPerTensorDynamic, kPerTensorStatic };
+
+struct RowStats {
+  float mean;
+  float rstd;
+};
+
+template <typename T>
+__device__ __forceinline__ RowStats row_stats(const T* row, int64_t k, float eps) {
+  float sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) sum += static_cast<float>(row[i]);
+  const float mean = block_sum<kBlockThreads>(sum) / static_cast<float>(k);
+  float squares = 0.0f;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const float d = static_cast<float>(row[i]) - mean;
+    squares += d * d;
+  }
+  const float variance = block_sum<kBlockThreads>(squares) / static_cast<float>(k);
+  return {mean, rsqrtf(variance + eps)};
+}
+
+template <typename T>
+__device__ __forceinline__ float normalized(const T* row, const T* weight, const T* bias, int64_t i, RowStats s) {
+  float y = (static_cast<float>(row[i]) - s.mean) * s.rstd;
+  if (weight != nullptr) y = y * static_cast<float>(weight[i]) + static_cast<float>(bias[i]);
+  return y;
+}
+
+// Per token and static: one block per token. For per-tensor dynamic, pass 1 (Quantize = false) only
+// reduces every token's absmax into `scale_io`, pass 2 quantizes with the derived scale.
+template <typename T, Mode M, bool Quantize>
+__global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                                       const T* __restrict__ bias, float eps, int64_t k, int8_t* __restrict__ q,
+                                       float* __restrict__ scales, float* __restrict__ scale_io) {
+  const T* row = x + blockIdx.x * k;
+  const RowStats stats = row_stats(row, k, eps);
+  float scale;
+  if constexpr (M == Mode::kPerTensorStatic) {
+    scale = *scale_io;
+  } else if constexpr (M == Mode::kPerTensorDynamic && Quantize) {
+    scale = scale_from_absmax(*scale_io);
+    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = scale;
+  } else {
+    float absmax = 0.0f;
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
+      absmax = fmaxf(absmax, fabsf(normalized(row, weight, bias, i, stats)));
+    absmax = block_max<kBlockThreads>(absmax);
+    if constexpr (M == Mode::kPerTensorDynamic) {
+      if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
+      return;
+    } else {
+      scale = scale_from_absmax(absmax);
+      if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+    }
+  }
+  int8_t* out = q + blockIdx.x * k;
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) out[i] = quantize_value(normalized(row, weight, bias, i, stats), scale);
+}
+
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> layernorm_quant(const torch::Tensor& x,
+                                                         const std::optional<torch::Tensor>& weight,
+                                                         const std::optional<torch::Tensor>& bias, double eps,
+                                                         const std::string& mode,
+                                                         const std::optional<torch::Tensor>& static_scale) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "layernorm_quant: x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(weight.has_value() == bias.has_value(), "layernorm_quant: weight and bias come together");
+  const int64_t m = x.size(0), k = x.size(1);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->numel() == k && bias->numel() == k && weight->is_contiguous() && bias->is_contiguous(),
+                "layernorm_quant: weight and bias must be contiguous [K]");
+    TORCH_CHECK(weight->scalar_type() == x.scalar_type() && bias->scalar_type() == x.scalar_type(),
+                "layernorm_quant: weight and bias must have x's dtype");
+  }
+  Mode kind;
+  if (mode == "per_token") {
+    kind = Mode::kPerToken;
+  } else if (mode == "per_tensor_dynamic") {
+    kind = Mode::kPerTensorDynamic;
+  } else if (mode == "per_tensor_static") {
+    kind = Mode::kPerTensorStatic;
+    TORCH_CHECK(static_scale.has_value() && static_scale->is_cuda() && static_scale->numel() == 1 &&
+                    static_scale->scalar_type() == torch::kFloat,
+                "layernorm_quant: static mode needs a float32 CUDA scale of one element");
+  } else {
+    TORCH_CHECK(false, "layernorm_quant: unknown mode ", mode);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto q = torch::empty_like(x, x.options().dtype(torch::kInt8));
+  auto scales = kind == Mode::kPerToken ? torch::empty({m}, x.options().dtype(torch::kFloat))
+                                        : torch::empty({1}, x.options().dtype(torch::kFloat));
+  if (kind == Mode::kPerTensorStatic) scales.copy_(*static_scale);
+  if (m == 0) return {q, scales};
+  const cudaStream_t stream = current_stream();
+  const float epsilon = static_cast<float>(eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layernorm_quant", [&] {
+    const scalar_t* w = weight.has_value() ? weight->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    int8_t* qs = q.data_ptr<int8_t>();
+    float* ss = scales.data_ptr<float>();
+    switch (kind) {
+      case Mode::kPerToken:
+        layernorm_quant_kernel<scalar_t, Mode::kPerToken, true>
+            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, nullptr);
+        break;
+      case Mode::kPerTensorStatic:
+        layernorm_quant_kernel<scalar_t, Mode::kPerTensorStatic, true>
+            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, ss);
+        break;
+      case Mode::kPerTensorDynamic: {
+        auto absmax = torch::zeros({1}, x.options().dtype(torch::kFloat));
+        layernorm_quant_kernel<scalar_t, Mode::kPerTensorDynamic, false>
+            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, absmax.data_ptr<float>());
+        layernorm_quant_kernel<scalar_t, Mode::kPerTensorDynamic, true>
+            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, absmax.data_ptr<float>());
+        break;
+      }
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, scales};
+}
+
+}  // namespace smoothserve

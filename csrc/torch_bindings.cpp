@@ -1,0 +1,30 @@
+// The one place the extension's ops are declared (schemas) and bound to their CUDA implementations.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(smoothserve, m) {
+  // out[m, n] = a_scale[m|0] * w_scale[n|0] * sum_k a[m, k] w[n, k] + bias[n], then ReLU if asked.
+  m.def(
+      "w8a8_gemm(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, bool relu, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_per_tensor(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_static(Tensor x, Tensor scale) -> Tensor");
+  m.def(
+      "layernorm_quant(Tensor x, Tensor? weight, Tensor? bias, float eps, str mode, Tensor? static_scale) "
+      "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
+  m.impl("w8a8_gemm", &smoothserve::w8a8_gemm);
+  m.impl("quantize_per_token", &smoothserve::quantize_per_token);
+  m.impl("quantize_per_tensor", &smoothserve::quantize_per_tensor);
+  m.impl("quantize_static", &smoothserve::quantize_static);
+  m.impl("layernorm_quant", &smoothserve::layernorm_quant);
+}
+
+// Importing engine._C registers the ops above.
+#include <Python.h>
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

@@ -1,0 +1,174 @@
+"""The compiled CUDA ops against their PyTorch references (engine/ops.py), on fresh random inputs.
+
+Run on a GPU machine after building the extension; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import ops
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+M_SWEEP = [1, 7, 16, 33, 64, 100, 128, 257, 512, 2048, 8192]
+# (N, K) of OPT layers: qkv fused 3h x h, out_proj h x h, fc1 4h x h, fc2 h x 4h, for several hidden sizes.
+OPT_HIDDEN = [768, 2048, 5120, 7168, 9216, 12288]
+
+
+def _layer_shapes(hidden: int) -> list[tuple[int, int]]:
+    return [(3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)]
+
+
+def _poison_allocator(num_bytes: int) -> None:
+    """Fill memory the caching allocator will hand out next with NaNs, so unwritten outputs show."""
+    block = torch.full((num_bytes // 2 + 1024,), float("nan"), dtype=torch.float16, device=CUDA)
+    del block
+
+
+def _rand_int8(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, dtype=torch.int8, device=CUDA, generator=generator)
+
+
+def _gemm_case(m: int, n: int, k: int, seed: int, per_token: bool, per_channel: bool, with_bias: bool, dtype):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    a, w = _rand_int8((m, k), g), _rand_int8((n, k), g)
+    a_scale = torch.rand(m if per_token else 1, device=CUDA, generator=g) * 1e-3 + 1e-4
+    w_scale = torch.rand(n if per_channel else 1, device=CUDA, generator=g) * 1e-3 + 1e-4
+    bias = torch.randn(n, device=CUDA, generator=g).to(dtype) if with_bias else None
+    return a, w, a_scale, w_scale, bias
+
+
+def _exact_reference(a, w, a_scale, w_scale, bias, relu: bool) -> torch.Tensor:
+    acc = ops.int8_matmul_float64(a, w).double()  # exact int32 accumulation
+    out = acc * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.clamp(min=0) if relu else out
+
+
+def _check_gemm(m, n, k, seed, per_token, per_channel, with_bias, relu, dtype) -> None:
+    a, w, a_scale, w_scale, bias = _gemm_case(m, n, k, seed, per_token, per_channel, with_bias, dtype)
+    _poison_allocator(m * n * 2)
+    out = ops.w8a8_gemm(a, w, a_scale, w_scale, bias, relu=relu, out_dtype=dtype)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.isfinite(out).all(), "unwritten (poisoned) or non-finite output"
+    expected = _exact_reference(a, w, a_scale, w_scale, bias, relu)
+    error = (out.double() - expected).norm() / expected.norm()
+    # fp16 rounds each output to 11 significant bits, bf16 to 8.
+    assert error.item() < (1e-3 if dtype == torch.float16 else 4e-3), f"relative error {error.item():.2e}"
+    if relu:
+        assert (out >= 0).all()
+
+
+def test_extension_is_loaded_on_gpu_machines() -> None:
+    assert ops.EXTENSION_LOADED, "CUDA is available but engine._C is not built: the GPU would run references"
+
+
+@pytest.mark.parametrize("m", M_SWEEP)
+@pytest.mark.parametrize("hidden", OPT_HIDDEN)
+def test_w8a8_gemm_over_opt_shapes(m: int, hidden: int) -> None:
+    for index, (n, k) in enumerate(_layer_shapes(hidden)):
+        if m * max(n, k) * 8 > 6e9:  # the float64 reference would need too much memory
+            continue
+        # Rotate through the epilogue options so every shape bucket meets each of them.
+        seed = m * 131 + hidden + index
+        dtype = torch.float16 if index % 2 == 0 else torch.bfloat16
+        _check_gemm(m, n, k, seed, per_token=index % 2 == 0, per_channel=index < 2,
+                    with_bias=index != 3, relu=index == 2, dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 1024])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8a8_gemm_epilogue_options(m, per_token, per_channel, with_bias, relu, dtype) -> None:
+    _check_gemm(m, 1024, 512, seed=m, per_token=per_token, per_channel=per_channel, with_bias=with_bias,
+                relu=relu, dtype=dtype)  # fmt: skip
+
+
+def test_w8a8_gemm_rejects_unaligned_shapes() -> None:
+    a = torch.zeros(4, 40, dtype=torch.int8, device=CUDA)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ops.w8a8_gemm(a, torch.zeros(32, 40, dtype=torch.int8, device=CUDA), torch.ones(4, device=CUDA),
+                      torch.ones(32, device=CUDA))  # fmt: skip
+
+
+def test_w8a8_gemm_runs_on_the_current_stream() -> None:
+    a, w, a_scale, w_scale, bias = _gemm_case(300, 2048, 1024, 5, True, True, True, torch.float16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = ops.w8a8_gemm(a, w, a_scale, w_scale, bias, out_dtype=torch.float16)
+    stream.synchronize()
+    expected = _exact_reference(a, w, a_scale, w_scale, bias, relu=False)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-3
+
+
+ACTIVATION_SHAPES = [(1, 768), (7, 2048), (33, 5120), (257, 7168), (1024, 12288), (8192, 5120), (3, 49152)]
+
+
+@pytest.mark.parametrize("m,k", ACTIVATION_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_kernels_are_bit_exact(m: int, k: int, dtype: torch.dtype) -> None:
+    g = torch.Generator(device=CUDA).manual_seed(m + k)
+    x = (torch.randn(m, k, device=CUDA, generator=g) * torch.rand(m, 1, device=CUDA, generator=g) * 8).to(dtype)
+    x[0, 0] = 0.5 * (x[0, 1].float().abs() + 1e-3)  # not all-zero rows, and an outlier channel:
+    x[:, -1] *= 30
+    q, scale = torch.ops.smoothserve.quantize_per_token(x)
+    q_ref, scale_ref = ops.quantize_per_token_reference(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+    q, scale = torch.ops.smoothserve.quantize_per_tensor(x)
+    q_ref, scale_ref = ops.quantize_per_tensor_reference(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+    static = scale_ref * 0.5  # half the range: exercises saturation
+    assert torch.equal(torch.ops.smoothserve.quantize_static(x, static), ops.quantize_static_reference(x, static))
+
+
+@pytest.mark.parametrize("m,k", ACTIVATION_SHAPES)
+@pytest.mark.parametrize("mode", ["per_token", "per_tensor_dynamic", "per_tensor_static"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layernorm_quant_matches_reference(m: int, k: int, mode: str, dtype: torch.dtype) -> None:
+    g = torch.Generator(device=CUDA).manual_seed(m * k)
+    x = (torch.randn(m, k, device=CUDA, generator=g) * 3 + 0.5).to(dtype)
+    weight = (torch.randn(k, device=CUDA, generator=g)).to(dtype)
+    bias = (torch.randn(k, device=CUDA, generator=g) * 0.1).to(dtype)
+    weight[:4] *= 40  # outlier channels, as in OPT
+    static = torch.tensor([0.3], device=CUDA)
+    q, scale = torch.ops.smoothserve.layernorm_quant(x, weight, bias, 1e-5, mode, static)
+    q_ref, scale_ref = ops.layernorm_quant_reference(x, weight, bias, 1e-5, mode, static)
+    # Different summation orders move values across a rounding boundary now and then: never by more
+    # than one step, and rarely.
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    difference = (q.int() - q_ref.int()).abs()
+    assert difference.max().item() <= 1
+    assert difference.float().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_tiny_w8a8_model_on_gpu_tracks_fp16(trained_outlier_model_dir, level: str) -> None:
+    """The whole path on the GPU: fp16 model, calibration, smoothing, W8A8 through the kernels."""
+    import copy
+
+    from engine.config import ModelConfig, QuantConfig
+    from engine.eval.fidelity import compare_models
+    from engine.layers.linear import W8A8Linear
+    from engine.models.loader import load_model
+    from engine.quant.calibrate import calibrate
+    from engine.quant.data import token_windows
+    from engine.quant.quantize import smoothquant
+    from engine.tiny_model import shipped_corpus, split_corpus
+    from engine.tokenizer import load_tokenizer
+
+    fp16 = load_model(ModelConfig(model=str(trained_outlier_model_dir), device="cuda", dtype="float16")).model
+    tokenizer = load_tokenizer(trained_outlier_model_dir)
+    train, heldout = split_corpus(shipped_corpus())
+    stats = calibrate(fp16, token_windows(tokenizer, [train], 16, 128).token_ids, progress=False)
+    w8a8 = copy.deepcopy(fp16)
+    smoothquant(w8a8, QuantConfig(level=level), stats)
+    assert isinstance(w8a8.decoder.layers[0].fc1, W8A8Linear) and w8a8.decoder.layers[0].fc1.weight.is_cuda
+    fidelity = compare_models(fp16, w8a8, token_windows(tokenizer, [heldout], 8, 128).token_ids)
+    assert fidelity.top1_agreement > 0.97, fidelity
