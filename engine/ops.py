@@ -4,7 +4,8 @@ The references below are the specification of every kernel in csrc/ (the GPU tes
 them) and the implementation used on the CPU. Conventions shared by all of them:
 
 - int8 is symmetric: q = clamp(round_half_even(x / scale), -128, 127); dequantized x ~ q * scale.
-- Dynamic scales are absmax / 127 in float32, so dynamically quantized values lie in [-127, 127].
+- Dynamic scales are absmax * (1 / 127) in float32 (a multiplication, which every device rounds the
+  same way), so dynamically quantized values lie in [-127, 127].
 - A matrix product of int8 operands accumulates exactly in int32; scales and bias are applied
   afterwards in float32 (the GEMM epilogue), then the result is cast to the output dtype.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 INT8_MAX = 127.0
+INV_INT8_MAX = 1.0 / INT8_MAX
 # A token (or tensor) that is all zeros would give a zero scale; this floor keeps 0 / scale finite.
 MIN_SCALE = 1e-8
 
@@ -74,13 +76,13 @@ def _round_to_int8(x_over_scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / INT8_MAX).clamp_(min=MIN_SCALE)
+    scale = (xf.abs().amax(dim=-1) * INV_INT8_MAX).clamp_(min=MIN_SCALE)
     return _round_to_int8(xf / scale[:, None]), scale
 
 
 def quantize_per_tensor_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = (xf.abs().amax() / INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
+    scale = (xf.abs().amax() * INV_INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
     return _round_to_int8(xf / scale), scale
 
 
@@ -246,10 +248,10 @@ def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tenso
     """Symmetric int8 weight quantization: per output channel (`[N]` scales) or per tensor (`[1]`)."""
     wf = weight.float()
     if granularity == "per_channel":
-        scale = (wf.abs().amax(dim=1) / INT8_MAX).clamp_(min=MIN_SCALE)
+        scale = (wf.abs().amax(dim=1) * INV_INT8_MAX).clamp_(min=MIN_SCALE)
         return _round_to_int8(wf / scale[:, None]), scale
     if granularity == "per_tensor":
-        scale = (wf.abs().amax() / INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
+        scale = (wf.abs().amax() * INV_INT8_MAX).clamp_(min=MIN_SCALE).reshape(1)
         return _round_to_int8(wf / scale), scale
     raise ValueError(f"unknown weight granularity {granularity!r}")
 

@@ -33,7 +33,7 @@ using namespace cute;
 
 // TileShape / ClusterShape in the kernel's own (possibly swapped) M, N, K.
 template <typename ElementOut, typename TileShape, typename ClusterShape, typename KernelSchedule,
-          typename EpilogueSchedule, bool Swap>
+          typename EpilogueSchedule, typename TileScheduler, bool Swap>
 struct W8A8GemmSm90 {
   using ElementAcc = int32_t;
   using ElementCompute = float;
@@ -87,7 +87,7 @@ struct W8A8GemmSm90 {
       KernelSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+                                                      CollectiveEpilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const GemmProblem& p) {
@@ -135,26 +135,28 @@ struct ConfigOf;
 template <typename ElementOut>
 struct ConfigOf<GemmConfig::kSwapM16, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _16, _256>, Shape<_1, _1, _1>,
-                            cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                            cutlass::epilogue::TmaWarpSpecialized, true>;
+                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
 };
 template <typename ElementOut>
 struct ConfigOf<GemmConfig::kSwapM64, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _64, _128>, Shape<_1, _1, _1>,
-                            cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                            cutlass::epilogue::TmaWarpSpecialized, true>;
+                            cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
 };
 template <typename ElementOut>
 struct ConfigOf<GemmConfig::kM256, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                            cutlass::epilogue::TmaWarpSpecializedCooperative, false>;
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler,
+                            false>;
 };
 template <typename ElementOut>
 struct ConfigOf<GemmConfig::kLarge, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                            cutlass::epilogue::TmaWarpSpecializedCooperative, false>;
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler,
+                            false>;
 };
 
 template <GemmConfig C, typename ElementOut>

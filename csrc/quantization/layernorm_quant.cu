@@ -17,35 +17,32 @@ struct RowStats {
   float rstd;
 };
 
-template <typename T>
+template <bool Vectorized, typename T>
 __device__ __forceinline__ RowStats row_stats(const T* row, int64_t k, float eps) {
   float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) sum += static_cast<float>(row[i]);
+  for_each<Vectorized>(row, k, [&](int64_t, float v) { sum += v; });
   const float mean = block_sum<kBlockThreads>(sum) / static_cast<float>(k);
   float squares = 0.0f;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    const float d = static_cast<float>(row[i]) - mean;
-    squares += d * d;
-  }
+  for_each<Vectorized>(row, k, [&](int64_t, float v) { squares += (v - mean) * (v - mean); });
   const float variance = block_sum<kBlockThreads>(squares) / static_cast<float>(k);
   return {mean, rsqrtf(variance + eps)};
 }
 
 template <typename T>
-__device__ __forceinline__ float normalized(const T* row, const T* weight, const T* bias, int64_t i, RowStats s) {
-  float y = (static_cast<float>(row[i]) - s.mean) * s.rstd;
+__device__ __forceinline__ float normalized(float v, const T* weight, const T* bias, int64_t i, RowStats s) {
+  float y = (v - s.mean) * s.rstd;
   if (weight != nullptr) y = y * static_cast<float>(weight[i]) + static_cast<float>(bias[i]);
   return y;
 }
 
 // Per token and static: one block per token. For per-tensor dynamic, pass 1 (Quantize = false) only
 // reduces every token's absmax into `scale_io`, pass 2 quantizes with the derived scale.
-template <typename T, Mode M, bool Quantize>
+template <typename T, Mode M, bool Quantize, bool Vectorized>
 __global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restrict__ weight,
                                        const T* __restrict__ bias, float eps, int64_t k, int8_t* __restrict__ q,
                                        float* __restrict__ scales, float* __restrict__ scale_io) {
   const T* row = x + blockIdx.x * k;
-  const RowStats stats = row_stats(row, k, eps);
+  const RowStats stats = row_stats<Vectorized>(row, k, eps);
   float scale;
   if constexpr (M == Mode::kPerTensorStatic) {
     scale = *scale_io;
@@ -54,8 +51,7 @@ __global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restr
     if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = scale;
   } else {
     float absmax = 0.0f;
-    for (int64_t i = threadIdx.x; i < k; i += blockDim.x)
-      absmax = fmaxf(absmax, fabsf(normalized(row, weight, bias, i, stats)));
+    for_each<Vectorized>(row, k, [&](int64_t i, float v) { absmax = fmaxf(absmax, fabsf(normalized(v, weight, bias, i, stats))); });
     absmax = block_max<kBlockThreads>(absmax);
     if constexpr (M == Mode::kPerTensorDynamic) {
       if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
@@ -65,8 +61,31 @@ __global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restr
       if (threadIdx.x == 0) scales[blockIdx.x] = scale;
     }
   }
-  int8_t* out = q + blockIdx.x * k;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) out[i] = quantize_value(normalized(row, weight, bias, i, stats), scale);
+  quantize_row<Vectorized>(row, q + blockIdx.x * k, k, scale,
+                           [&](int64_t i, float v) { return normalized(v, weight, bias, i, stats); });
+}
+
+template <typename T, bool Vectorized>
+void launch_layernorm_quant(Mode kind, int64_t m, cudaStream_t stream, const T* x, const T* w, const T* b, float eps,
+                            int64_t k, int8_t* q, float* scales, const torch::Tensor& like) {
+  switch (kind) {
+    case Mode::kPerToken:
+      layernorm_quant_kernel<T, Mode::kPerToken, true, Vectorized>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, nullptr);
+      break;
+    case Mode::kPerTensorStatic:
+      layernorm_quant_kernel<T, Mode::kPerTensorStatic, true, Vectorized>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, scales);
+      break;
+    case Mode::kPerTensorDynamic: {
+      auto absmax = torch::zeros({1}, like.options().dtype(torch::kFloat));
+      layernorm_quant_kernel<T, Mode::kPerTensorDynamic, false, Vectorized>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+      layernorm_quant_kernel<T, Mode::kPerTensorDynamic, true, Vectorized>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+      break;
+    }
+  }
 }
 
 }  // namespace
@@ -112,23 +131,10 @@ std::tuple<torch::Tensor, torch::Tensor> layernorm_quant(const torch::Tensor& x,
     const scalar_t* xs = x.data_ptr<scalar_t>();
     int8_t* qs = q.data_ptr<int8_t>();
     float* ss = scales.data_ptr<float>();
-    switch (kind) {
-      case Mode::kPerToken:
-        layernorm_quant_kernel<scalar_t, Mode::kPerToken, true>
-            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, nullptr);
-        break;
-      case Mode::kPerTensorStatic:
-        layernorm_quant_kernel<scalar_t, Mode::kPerTensorStatic, true>
-            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, ss);
-        break;
-      case Mode::kPerTensorDynamic: {
-        auto absmax = torch::zeros({1}, x.options().dtype(torch::kFloat));
-        layernorm_quant_kernel<scalar_t, Mode::kPerTensorDynamic, false>
-            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, absmax.data_ptr<float>());
-        layernorm_quant_kernel<scalar_t, Mode::kPerTensorDynamic, true>
-            <<<m, kBlockThreads, 0, stream>>>(xs, w, b, epsilon, k, qs, ss, absmax.data_ptr<float>());
-        break;
-      }
+    if (rows_vectorizable(xs, k)) {
+      launch_layernorm_quant<scalar_t, true>(kind, m, stream, xs, w, b, epsilon, k, qs, ss, x);
+    } else {
+      launch_layernorm_quant<scalar_t, false>(kind, m, stream, xs, w, b, epsilon, k, qs, ss, x);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -10,15 +10,14 @@ namespace smoothserve {
 namespace {
 
 // One block per token: absmax, then quantize (the second read hits L1/L2).
-template <typename T>
+template <typename T, bool Vectorized>
 __global__ void quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                           float* __restrict__ scales, int64_t k) {
   const T* row = x + blockIdx.x * k;
   float absmax = 0.0f;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) absmax = fmaxf(absmax, fabsf(static_cast<float>(row[i])));
+  for_each<Vectorized>(row, k, [&](int64_t, float v) { absmax = fmaxf(absmax, fabsf(v)); });
   const float scale = scale_from_absmax(block_max<kBlockThreads>(absmax));
-  int8_t* out = q + blockIdx.x * k;
-  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) out[i] = quantize_value(static_cast<float>(row[i]), scale);
+  quantize_row<Vectorized>(row, q + blockIdx.x * k, k, scale, [](int64_t, float v) { return v; });
   if (threadIdx.x == 0) scales[blockIdx.x] = scale;
 }
 
@@ -65,8 +64,10 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_per_token(const torch::Tensor&
   if (x.numel() == 0) return {q, scales};
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token", [&] {
-    quantize_per_token_kernel<scalar_t><<<x.size(0), kBlockThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(1));
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    auto kernel = rows_vectorizable(xs, x.size(1)) ? quantize_per_token_kernel<scalar_t, true>
+                                                   : quantize_per_token_kernel<scalar_t, false>;
+    kernel<<<x.size(0), kBlockThreads, 0, stream>>>(xs, q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, scales};

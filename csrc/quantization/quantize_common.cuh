@@ -1,6 +1,6 @@
 // Shared pieces of the quantize kernels. The rounding matches engine/ops.py's references bit for bit:
-// scale = max(absmax / 127, 1e-8) and q = clamp(round_half_even(x / scale), -128, 127), with correctly
-// rounded float32 divisions (explicit __fdiv_rn, so --use_fast_math cannot change them).
+// scale = max(absmax * (1/127), 1e-8) and q = clamp(round_half_even(x / scale), -128, 127), with a
+// correctly rounded float32 division (explicit __fdiv_rn, so --use_fast_math cannot change it).
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -11,11 +11,12 @@
 namespace smoothserve {
 
 constexpr float kInt8Max = 127.0f;
+constexpr float kInvInt8Max = 1.0f / 127.0f;
 constexpr float kMinScale = 1e-8f;
 constexpr int kBlockThreads = 256;
 
 __device__ __forceinline__ float scale_from_absmax(float absmax) {
-  return fmaxf(__fdiv_rn(absmax, kInt8Max), kMinScale);
+  return fmaxf(__fmul_rn(absmax, kInvInt8Max), kMinScale);
 }
 
 __device__ __forceinline__ int8_t quantize_value(float x, float scale) {
@@ -49,6 +50,60 @@ __device__ __forceinline__ float block_sum(float value) {
   if (threadIdx.x == 0) result = reduced;
   __syncthreads();
   return result;
+}
+
+// 16-byte vectors of activations, and the int8 vectors they quantize to.
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+  struct alignas(16) Values {
+    T v[kSize];
+  };
+  struct alignas(kSize) Quantized {
+    int8_t v[kSize];
+  };
+};
+
+// Calls f(index, value) for every element of a row, with 16-byte loads where the row allows them.
+template <bool Vectorized, typename T, typename F>
+__device__ __forceinline__ void for_each(const T* __restrict__ row, int64_t k, F&& f) {
+  if constexpr (Vectorized) {
+    constexpr int N = Vec<T>::kSize;
+    const auto* vectors = reinterpret_cast<const typename Vec<T>::Values*>(row);
+    for (int64_t j = threadIdx.x; j < k / N; j += blockDim.x) {
+      const typename Vec<T>::Values values = vectors[j];
+#pragma unroll
+      for (int e = 0; e < N; ++e) f(j * N + e, static_cast<float>(values.v[e]));
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) f(i, static_cast<float>(row[i]));
+  }
+}
+
+// Writes q[i] = quantize(g(i, x[i])) for a row, with matching vector stores.
+template <bool Vectorized, typename T, typename G>
+__device__ __forceinline__ void quantize_row(const T* __restrict__ row, int8_t* __restrict__ out, int64_t k,
+                                             float scale, G&& g) {
+  if constexpr (Vectorized) {
+    constexpr int N = Vec<T>::kSize;
+    const auto* vectors = reinterpret_cast<const typename Vec<T>::Values*>(row);
+    auto* outputs = reinterpret_cast<typename Vec<T>::Quantized*>(out);
+    for (int64_t j = threadIdx.x; j < k / N; j += blockDim.x) {
+      const typename Vec<T>::Values values = vectors[j];
+      typename Vec<T>::Quantized q;
+#pragma unroll
+      for (int e = 0; e < N; ++e) q.v[e] = quantize_value(g(j * N + e, static_cast<float>(values.v[e])), scale);
+      outputs[j] = q;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) out[i] = quantize_value(g(i, static_cast<float>(row[i])), scale);
+  }
+}
+
+// Rows can use 16-byte vectors when every row starts 16-byte aligned.
+template <typename T>
+inline bool rows_vectorizable(const T* base, int64_t k) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && k % Vec<T>::kSize == 0;
 }
 
 }  // namespace smoothserve

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.ops import INT8_MAX, MIN_SCALE
+from engine.ops import INV_INT8_MAX, MIN_SCALE
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ActivationStats:
 
     def static_scale(self, name: str) -> torch.Tensor:
         """The per-tensor static (O3) scale of a Linear's input: absmax over all channels / 127."""
-        return (self.absmax[name].max() / INT8_MAX).clamp(min=MIN_SCALE).reshape(1).float()
+        return (self.absmax[name].max() * INV_INT8_MAX).clamp(min=MIN_SCALE).reshape(1).float()
 
     def divided(self, factors: dict[str, torch.Tensor]) -> ActivationStats:
         """Statistics after smoothing: an input divided per channel by s has absmax / s exactly."""
