@@ -65,9 +65,113 @@ __global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restr
                            [&](int64_t i, float v) { return normalized(v, weight, bias, i, stats); });
 }
 
+// The same, with the row held in registers between passes (one read of x), for rows of up to
+// kBlockThreads * MaxVecs 16-byte vectors: every OPT hidden size in fp16/bf16.
+template <typename T, Mode M, bool Quantize, int MaxVecs>
+__global__ void layernorm_quant_registers_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                                                 const T* __restrict__ bias, float eps, int64_t k,
+                                                 int8_t* __restrict__ q, float* __restrict__ scales,
+                                                 float* __restrict__ scale_io) {
+  constexpr int N = Vec<T>::kSize;
+  using Values = typename Vec<T>::Values;
+  const auto* row = reinterpret_cast<const Values*>(x + blockIdx.x * k);
+  const int64_t num_vecs = k / N;
+  float y[MaxVecs][N];
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < MaxVecs; ++r) {
+    const int64_t j = threadIdx.x + r * int64_t(blockDim.x);
+    if (j < num_vecs) {
+      const Values values = row[j];
+#pragma unroll
+      for (int e = 0; e < N; ++e) sum += (y[r][e] = static_cast<float>(values.v[e]));
+    }
+  }
+  const float mean = block_sum<kBlockThreads>(sum) / static_cast<float>(k);
+  float squares = 0.0f;
+#pragma unroll
+  for (int r = 0; r < MaxVecs; ++r) {
+    if (threadIdx.x + r * int64_t(blockDim.x) < num_vecs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) squares += (y[r][e] - mean) * (y[r][e] - mean);
+    }
+  }
+  const float rstd = rsqrtf(block_sum<kBlockThreads>(squares) / static_cast<float>(k) + eps);
+  float absmax = 0.0f;
+#pragma unroll
+  for (int r = 0; r < MaxVecs; ++r) {
+    const int64_t j = threadIdx.x + r * int64_t(blockDim.x);
+    if (j < num_vecs) {
+      Values w, b;
+      if (weight != nullptr) {
+        w = reinterpret_cast<const Values*>(weight)[j];
+        b = reinterpret_cast<const Values*>(bias)[j];
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        float v = (y[r][e] - mean) * rstd;
+        if (weight != nullptr) v = v * static_cast<float>(w.v[e]) + static_cast<float>(b.v[e]);
+        y[r][e] = v;
+        absmax = fmaxf(absmax, fabsf(v));
+      }
+    }
+  }
+  float scale;
+  if constexpr (M == Mode::kPerTensorStatic) {
+    scale = *scale_io;
+  } else if constexpr (M == Mode::kPerTensorDynamic && Quantize) {
+    scale = scale_from_absmax(*scale_io);
+    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = scale;
+  } else {
+    absmax = block_max<kBlockThreads>(absmax);
+    if constexpr (M == Mode::kPerTensorDynamic) {
+      if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
+      return;
+    } else {
+      scale = scale_from_absmax(absmax);
+      if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+    }
+  }
+  auto* out = reinterpret_cast<typename Vec<T>::Quantized*>(q + blockIdx.x * k);
+#pragma unroll
+  for (int r = 0; r < MaxVecs; ++r) {
+    const int64_t j = threadIdx.x + r * int64_t(blockDim.x);
+    if (j < num_vecs) {
+      typename Vec<T>::Quantized packed;
+#pragma unroll
+      for (int e = 0; e < N; ++e) packed.v[e] = quantize_value(y[r][e], scale);
+      out[j] = packed;
+    }
+  }
+}
+
+constexpr int kRegisterVecs = 8;
+
 template <typename T, bool Vectorized>
 void launch_layernorm_quant(Mode kind, int64_t m, cudaStream_t stream, const T* x, const T* w, const T* b, float eps,
                             int64_t k, int8_t* q, float* scales, const torch::Tensor& like) {
+  const bool in_registers = Vectorized && k / Vec<T>::kSize <= int64_t(kBlockThreads) * kRegisterVecs &&
+                            (w == nullptr || (rows_vectorizable(w, k) && rows_vectorizable(b, k)));
+  if (in_registers) {
+    switch (kind) {
+      case Mode::kPerToken:
+        layernorm_quant_registers_kernel<T, Mode::kPerToken, true, kRegisterVecs>
+            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, nullptr);
+        return;
+      case Mode::kPerTensorStatic:
+        layernorm_quant_registers_kernel<T, Mode::kPerTensorStatic, true, kRegisterVecs>
+            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, scales);
+        return;
+      case Mode::kPerTensorDynamic: {
+        auto absmax = torch::zeros({1}, like.options().dtype(torch::kFloat));
+        layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, false, kRegisterVecs>
+            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+        layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, true, kRegisterVecs>
+            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+        return;
+      }
+    }
+  }
   switch (kind) {
     case Mode::kPerToken:
       layernorm_quant_kernel<T, Mode::kPerToken, true, Vectorized>
