@@ -148,14 +148,14 @@ template <typename ElementOut>
 struct ConfigOf<GemmConfig::kM256, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler,
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler,
                             false>;
 };
 template <typename ElementOut>
 struct ConfigOf<GemmConfig::kLarge, ElementOut> {
   using type = W8A8GemmSm90<ElementOut, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler,
+                            cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler,
                             false>;
 };
 

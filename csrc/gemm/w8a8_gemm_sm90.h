@@ -29,8 +29,9 @@ struct GemmProblem {
 //   kSwapM16  M <= 16   swapped, 128x16x256 tile, stream-K: the weight stream dominates, and
 //                       splitting K keeps every SM streaming even when N gives few tiles
 //   kSwapM64  M <= 64   swapped, 128x64x128, stream-K
-//   kM256     M <= 256  128x128x128, 1x2 cluster
-//   kLarge    M > 256   128x256x128 cooperative, 2x1 cluster
+//   kM256     M <= 256  128x128x128, 1x2 cluster, stream-K
+//   kLarge    M > 256   128x256x128 cooperative, 2x1 cluster, stream-K (its heuristic runs whole
+//                       tiles data-parallel and splits only the last, partial wave)
 enum class GemmConfig { kSwapM16, kSwapM64, kM256, kLarge };
 
 template <GemmConfig C, typename ElementOut>

@@ -145,32 +145,42 @@ __global__ void layernorm_quant_registers_kernel(const T* __restrict__ x, const 
   }
 }
 
-constexpr int kRegisterVecs = 8;
+// Registers per thread grow with MaxVecs: launch the smallest variant that holds the row.
+template <typename T, int MaxVecs>
+void launch_registers(Mode kind, int64_t m, cudaStream_t stream, const T* x, const T* w, const T* b, float eps,
+                      int64_t k, int8_t* q, float* scales, const torch::Tensor& like) {
+  switch (kind) {
+    case Mode::kPerToken:
+      layernorm_quant_registers_kernel<T, Mode::kPerToken, true, MaxVecs>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, nullptr);
+      return;
+    case Mode::kPerTensorStatic:
+      layernorm_quant_registers_kernel<T, Mode::kPerTensorStatic, true, MaxVecs>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, scales);
+      return;
+    case Mode::kPerTensorDynamic: {
+      auto absmax = torch::zeros({1}, like.options().dtype(torch::kFloat));
+      layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, false, MaxVecs>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+      layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, true, MaxVecs>
+          <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
+      return;
+    }
+  }
+}
 
 template <typename T, bool Vectorized>
 void launch_layernorm_quant(Mode kind, int64_t m, cudaStream_t stream, const T* x, const T* w, const T* b, float eps,
                             int64_t k, int8_t* q, float* scales, const torch::Tensor& like) {
-  const bool in_registers = Vectorized && k / Vec<T>::kSize <= int64_t(kBlockThreads) * kRegisterVecs &&
+  const int64_t vecs_per_thread = (k / Vec<T>::kSize + kBlockThreads - 1) / kBlockThreads;
+  const bool in_registers = Vectorized && vecs_per_thread <= 8 &&
                             (w == nullptr || (rows_vectorizable(w, k) && rows_vectorizable(b, k)));
   if (in_registers) {
-    switch (kind) {
-      case Mode::kPerToken:
-        layernorm_quant_registers_kernel<T, Mode::kPerToken, true, kRegisterVecs>
-            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, nullptr);
-        return;
-      case Mode::kPerTensorStatic:
-        layernorm_quant_registers_kernel<T, Mode::kPerTensorStatic, true, kRegisterVecs>
-            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, scales);
-        return;
-      case Mode::kPerTensorDynamic: {
-        auto absmax = torch::zeros({1}, like.options().dtype(torch::kFloat));
-        layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, false, kRegisterVecs>
-            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
-        layernorm_quant_registers_kernel<T, Mode::kPerTensorDynamic, true, kRegisterVecs>
-            <<<m, kBlockThreads, 0, stream>>>(x, w, b, eps, k, q, scales, absmax.data_ptr<float>());
-        return;
-      }
-    }
+    if (vecs_per_thread <= 2) return launch_registers<T, 2>(kind, m, stream, x, w, b, eps, k, q, scales, like);
+    if (vecs_per_thread <= 3) return launch_registers<T, 3>(kind, m, stream, x, w, b, eps, k, q, scales, like);
+    if (vecs_per_thread <= 4) return launch_registers<T, 4>(kind, m, stream, x, w, b, eps, k, q, scales, like);
+    if (vecs_per_thread <= 6) return launch_registers<T, 6>(kind, m, stream, x, w, b, eps, k, q, scales, like);
+    return launch_registers<T, 8>(kind, m, stream, x, w, b, eps, k, q, scales, like);
   }
   switch (kind) {
     case Mode::kPerToken:
