@@ -23,4 +23,9 @@ std::tuple<torch::Tensor, torch::Tensor> layernorm_quant(const torch::Tensor& x,
                                                          const std::string& mode,
                                                          const std::optional<torch::Tensor>& static_scale);
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> add_layernorm_quant(
+    const torch::Tensor& x, const torch::Tensor& residual, const std::optional<torch::Tensor>& weight,
+    const std::optional<torch::Tensor>& bias, double eps, const std::string& mode,
+    const std::optional<torch::Tensor>& static_scale);
+
 }  // namespace smoothserve

@@ -14,6 +14,10 @@ TORCH_LIBRARY(smoothserve, m) {
   m.def(
       "layernorm_quant(Tensor x, Tensor? weight, Tensor? bias, float eps, str mode, Tensor? static_scale) "
       "-> (Tensor, Tensor)");
+  // (quantized LayerNorm(x + residual), its scales, x + residual): the residual add fused in front.
+  m.def(
+      "add_layernorm_quant(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, str mode, "
+      "Tensor? static_scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
@@ -22,6 +26,7 @@ TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
   m.impl("quantize_per_tensor", &smoothserve::quantize_per_tensor);
   m.impl("quantize_static", &smoothserve::quantize_static);
   m.impl("layernorm_quant", &smoothserve::layernorm_quant);
+  m.impl("add_layernorm_quant", &smoothserve::add_layernorm_quant);
 }
 
 // Importing engine._C registers the ops above.

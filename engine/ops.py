@@ -171,6 +171,44 @@ def layernorm_quant(
     return QuantizedActivation(q, scale, x.dtype)
 
 
+def add_layernorm_quant_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mode: str,
+    static_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The sum is rounded to the activation dtype (it is the new residual stream) and normalized as rounded,
+    # exactly as the unfused `residual + x` followed by the LayerNorm.
+    summed = (x.float() + residual.float()).to(x.dtype)
+    q, scale = layernorm_quant_reference(summed, weight, bias, eps, mode, static_scale)
+    return q, scale, summed
+
+
+def add_layernorm_quant(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    mode: str,
+    static_scale: torch.Tensor | None = None,
+) -> tuple[QuantizedActivation, torch.Tensor]:
+    """Residual add, LayerNorm and int8 quantization in one pass: returns (quantized LN(x + residual), x + residual)."""
+    _check_float_2d(x, "add_layernorm_quant input")
+    _check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x in shape and dtype")
+    _check(mode in ("per_token", "per_tensor_dynamic", "per_tensor_static"), f"unknown mode {mode!r}")
+    _check(mode != "per_tensor_static" or static_scale is not None, "static mode needs a calibrated scale")
+    op = _cuda_op_or_none("add_layernorm_quant", x)
+    if op is not None:
+        q, scale, summed = op(x, residual, weight, bias, eps, mode, static_scale)
+    else:
+        q, scale, summed = add_layernorm_quant_reference(x, residual, weight, bias, eps, mode, static_scale)
+    return QuantizedActivation(q, scale, x.dtype), summed
+
+
 # --------------------------------------------------------------------------------------------------
 # The W8A8 GEMM
 
@@ -276,6 +314,12 @@ if EXTENSION_LOADED:
     @torch.library.register_fake("smoothserve::quantize_static")
     def _quantize_static_fake(x, scale):
         return x.new_empty(x.shape, dtype=torch.int8)
+
+    @torch.library.register_fake("smoothserve::add_layernorm_quant")
+    def _add_layernorm_quant_fake(x, residual, weight, bias, eps, mode, static_scale):
+        rows = x.shape[0] if mode == "per_token" else 1
+        return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
+                x.new_empty(x.shape))  # fmt: skip
 
     @torch.library.register_fake("smoothserve::layernorm_quant")
     def _layernorm_quant_fake(x, weight, bias, eps, mode, static_scale):

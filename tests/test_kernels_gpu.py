@@ -172,3 +172,21 @@ def test_tiny_w8a8_model_on_gpu_tracks_fp16(trained_outlier_model_dir, level: st
     assert isinstance(w8a8.decoder.layers[0].fc1, W8A8Linear) and w8a8.decoder.layers[0].fc1.weight.is_cuda
     fidelity = compare_models(fp16, w8a8, token_windows(tokenizer, [heldout], 8, 128).token_ids)
     assert fidelity.top1_agreement > 0.97, fidelity
+
+
+@pytest.mark.parametrize("m,k", [*ACTIVATION_SHAPES, (5, 49152)])  # the last falls back to add + layernorm_quant
+@pytest.mark.parametrize("mode", ["per_token", "per_tensor_dynamic", "per_tensor_static"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_layernorm_quant_matches_reference(m: int, k: int, mode: str, dtype: torch.dtype) -> None:
+    g = torch.Generator(device=CUDA).manual_seed(m * k + 1)
+    x = (torch.randn(m, k, device=CUDA, generator=g) * 2).to(dtype)
+    residual = (torch.randn(m, k, device=CUDA, generator=g) * 5 + 1).to(dtype)
+    weight = torch.randn(k, device=CUDA, generator=g).to(dtype)
+    bias = (torch.randn(k, device=CUDA, generator=g) * 0.1).to(dtype)
+    static = torch.tensor([0.3], device=CUDA)
+    q, scale, summed = torch.ops.smoothserve.add_layernorm_quant(x, residual, weight, bias, 1e-5, mode, static)
+    q_ref, scale_ref, summed_ref = ops.add_layernorm_quant_reference(x, residual, weight, bias, 1e-5, mode, static)
+    assert torch.equal(summed, summed_ref)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    difference = (q.int() - q_ref.int()).abs()
+    assert difference.max().item() <= 1 and difference.float().mean().item() < 1e-3

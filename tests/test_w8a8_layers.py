@@ -83,3 +83,21 @@ def test_linear_fed_by_quantizing_layer_rejects_float_input() -> None:
     fed = W8A8Linear.from_float(_linear(6), act_quant=None, weight_granularity="per_channel")
     with pytest.raises(TypeError, match="QuantizedActivation"):
         fed(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_add_and_norm_quantizing_matches_float_add_then_norm(mode: str) -> None:
+    from engine.layers.layernorm import LayerNorm
+
+    torch.manual_seed(7)
+    layer_norm = LayerNorm(96)
+    nn.init.normal_(layer_norm.weight)
+    residual, update = torch.randn(6, 96) * 3, torch.randn(6, 96)
+    summed, normed = layer_norm.add_and_norm(residual, update)
+    assert torch.equal(summed, residual + update)
+    static = (normed.abs().max() / 127).reshape(1).detach()
+    qln = QuantizingLayerNorm.from_float(layer_norm, act_quant=mode, output_scale=static)
+    q_summed, quantized = qln.add_and_norm(residual, update)
+    assert torch.equal(q_summed, summed)
+    dequantized = quantized.data.float() * quantized.scale.reshape(-1, 1)
+    assert (dequantized - normed).abs().max().item() <= quantized.scale.max().item() / 2 + 1e-5

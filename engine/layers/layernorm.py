@@ -1,4 +1,8 @@
-"""The LayerNorm that feeds a W8A8Linear: normalizes and quantizes in one op."""
+"""LayerNorms: the float one of the model, and the one that feeds W8A8Linears (normalize + quantize).
+
+Both offer `add_and_norm(residual, update)`, the residual add followed by the normalization, which the
+quantizing LayerNorm runs as one kernel.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,13 @@ from torch import nn
 from engine import ops
 from engine.config import ActivationQuant
 from engine.ops import QuantizedActivation
+
+
+class LayerNorm(nn.LayerNorm):
+    def add_and_norm(self, residual: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + update, LayerNorm(residual + update))."""
+        summed = residual + update
+        return summed, self(summed)
 
 
 class QuantizingLayerNorm(nn.Module):
@@ -68,6 +79,14 @@ class QuantizingLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> QuantizedActivation:
         x2 = x.reshape(-1, self.normalized_shape)
         return ops.layernorm_quant(x2, self.weight, self.bias, self.eps, self.act_quant, self.output_scale)
+
+    def add_and_norm(self, residual: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, QuantizedActivation]:
+        """(residual + update, quantized LayerNorm of it), in one pass over the activations."""
+        quantized, summed = ops.add_layernorm_quant(
+            update.reshape(-1, self.normalized_shape), residual.reshape(-1, self.normalized_shape),
+            self.weight, self.bias, self.eps, self.act_quant, self.output_scale,
+        )  # fmt: skip
+        return summed.view_as(residual), quantized
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, act_quant={self.act_quant}"

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.errors import ModelLoadError
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.layernorm import LayerNorm
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy of its padding index).
 POSITION_OFFSET = 2
@@ -101,9 +102,9 @@ class OPTDecoderLayer(nn.Module):
         super().__init__()
         affine = arch.layer_norm_elementwise_affine
         self.pre_layer_norm = arch.do_layer_norm_before
-        self.self_attn_layer_norm = nn.LayerNorm(arch.hidden_size, elementwise_affine=affine)
+        self.self_attn_layer_norm = LayerNorm(arch.hidden_size, elementwise_affine=affine)
         self.self_attn = OPTAttention(arch)
-        self.final_layer_norm = nn.LayerNorm(arch.hidden_size, elementwise_affine=affine)
+        self.final_layer_norm = LayerNorm(arch.hidden_size, elementwise_affine=affine)
         self.fc1 = nn.Linear(arch.hidden_size, arch.ffn_dim, bias=arch.enable_bias)
         self.activation: nn.Module = nn.ReLU()  # becomes Identity when W8A8 fc1 fuses the ReLU
         self.fc2 = nn.Linear(arch.ffn_dim, arch.hidden_size, bias=arch.enable_bias)
@@ -113,8 +114,8 @@ class OPTDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         if self.pre_layer_norm:  # 125m, 1.3b ... 175b
-            x = x + self.self_attn(self.self_attn_layer_norm(x), metadata)
-            return x + self.mlp(self.final_layer_norm(x))
+            x, normed = self.final_layer_norm.add_and_norm(x, self.self_attn(self.self_attn_layer_norm(x), metadata))
+            return x + self.mlp(normed)
         # 350m: normalize after each residual add
         x = self.self_attn_layer_norm(x + self.self_attn(x, metadata))
         return self.final_layer_norm(x + self.mlp(x))
@@ -131,7 +132,7 @@ class OPTDecoder(nn.Module):
         self.project_out = nn.Linear(hidden, embed_dim, bias=False) if projected else None
         self.layers = nn.ModuleList(OPTDecoderLayer(arch) for _ in range(arch.num_layers))
         affine = arch.layer_norm_elementwise_affine
-        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine) if arch.has_final_layer_norm else None
+        self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine) if arch.has_final_layer_norm else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, embed_dim]
