@@ -131,6 +131,11 @@ def quantize_activation(x: torch.Tensor, mode: str, static_scale: torch.Tensor |
 # LayerNorm followed by quantization (the LayerNorm in front of q/k/v and fc1)
 
 
+def _check_norm_mode(mode: str, static_scale: torch.Tensor | None) -> None:
+    _check(mode in ("per_token", "per_tensor_dynamic", "per_tensor_static"), f"unknown mode {mode!r}")
+    _check(mode != "per_tensor_static" or static_scale is not None, "static mode needs a calibrated scale")
+
+
 def layernorm_quant_reference(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -161,8 +166,7 @@ def layernorm_quant(
 ) -> QuantizedActivation:
     """LayerNorm over the last dimension, then int8 quantization, in one pass."""
     _check_float_2d(x, "layernorm_quant input")
-    _check(mode in ("per_token", "per_tensor_dynamic", "per_tensor_static"), f"unknown mode {mode!r}")
-    _check(mode != "per_tensor_static" or static_scale is not None, "static mode needs a calibrated scale")
+    _check_norm_mode(mode, static_scale)
     op = _cuda_op_or_none("layernorm_quant", x)
     if op is not None:
         q, scale = op(x, weight, bias, eps, mode, static_scale)
@@ -199,8 +203,7 @@ def add_layernorm_quant(
     """Residual add, LayerNorm and int8 quantization in one pass: returns (quantized LN(x + residual), x + residual)."""
     _check_float_2d(x, "add_layernorm_quant input")
     _check(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x in shape and dtype")
-    _check(mode in ("per_token", "per_tensor_dynamic", "per_tensor_static"), f"unknown mode {mode!r}")
-    _check(mode != "per_tensor_static" or static_scale is not None, "static mode needs a calibrated scale")
+    _check_norm_mode(mode, static_scale)
     op = _cuda_op_or_none("add_layernorm_quant", x)
     if op is not None:
         q, scale, summed = op(x, residual, weight, bias, eps, mode, static_scale)

@@ -35,6 +35,33 @@ __device__ __forceinline__ float normalized(float v, const T* weight, const T* b
   return y;
 }
 
+// Which rows need their absmax: per-token scales, and pass 1 of per-tensor dynamic quantization.
+template <Mode M, bool Quantize>
+constexpr bool kNeedsRowAbsmax = M == Mode::kPerToken || (M == Mode::kPerTensorDynamic && !Quantize);
+
+// The scale this row is quantized with, from this thread's share of the row absmax where the mode needs
+// it. Returns false in pass 1 of per-tensor dynamic quantization, which only feeds the global absmax.
+template <Mode M, bool Quantize>
+__device__ __forceinline__ bool row_scale(float absmax, float* __restrict__ scales, float* __restrict__ scale_io,
+                                          float* scale) {
+  if constexpr (M == Mode::kPerTensorStatic) {
+    *scale = *scale_io;
+  } else if constexpr (M == Mode::kPerTensorDynamic && Quantize) {
+    *scale = scale_from_absmax(*scale_io);
+    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = *scale;
+  } else {
+    absmax = block_max<kBlockThreads>(absmax);
+    if constexpr (M == Mode::kPerTensorDynamic) {
+      if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
+      return false;
+    } else {
+      *scale = scale_from_absmax(absmax);
+      if (threadIdx.x == 0) scales[blockIdx.x] = *scale;
+    }
+  }
+  return true;
+}
+
 // Per token and static: one block per token. For per-tensor dynamic, pass 1 (Quantize = false) only
 // reduces every token's absmax into `scale_io`, pass 2 quantizes with the derived scale.
 template <typename T, Mode M, bool Quantize, bool Vectorized>
@@ -43,24 +70,12 @@ __global__ void layernorm_quant_kernel(const T* __restrict__ x, const T* __restr
                                        float* __restrict__ scales, float* __restrict__ scale_io) {
   const T* row = x + blockIdx.x * k;
   const RowStats stats = row_stats<Vectorized>(row, k, eps);
-  float scale;
-  if constexpr (M == Mode::kPerTensorStatic) {
-    scale = *scale_io;
-  } else if constexpr (M == Mode::kPerTensorDynamic && Quantize) {
-    scale = scale_from_absmax(*scale_io);
-    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = scale;
-  } else {
-    float absmax = 0.0f;
+  float absmax = 0.0f;
+  if constexpr (kNeedsRowAbsmax<M, Quantize>) {
     for_each<Vectorized>(row, k, [&](int64_t i, float v) { absmax = fmaxf(absmax, fabsf(normalized(v, weight, bias, i, stats))); });
-    absmax = block_max<kBlockThreads>(absmax);
-    if constexpr (M == Mode::kPerTensorDynamic) {
-      if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
-      return;
-    } else {
-      scale = scale_from_absmax(absmax);
-      if (threadIdx.x == 0) scales[blockIdx.x] = scale;
-    }
   }
+  float scale;
+  if (!row_scale<M, Quantize>(absmax, scales, scale_io, &scale)) return;
   quantize_row<Vectorized>(row, q + blockIdx.x * k, k, scale,
                            [&](int64_t i, float v) { return normalized(v, weight, bias, i, stats); });
 }
@@ -126,21 +141,7 @@ __global__ void layernorm_quant_registers_kernel(const T* __restrict__ x, const 
     }
   }
   float scale;
-  if constexpr (M == Mode::kPerTensorStatic) {
-    scale = *scale_io;
-  } else if constexpr (M == Mode::kPerTensorDynamic && Quantize) {
-    scale = scale_from_absmax(*scale_io);
-    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = scale;
-  } else {
-    absmax = block_max<kBlockThreads>(absmax);
-    if constexpr (M == Mode::kPerTensorDynamic) {
-      if (threadIdx.x == 0) atomic_max_nonnegative(scale_io, absmax);
-      return;
-    } else {
-      scale = scale_from_absmax(absmax);
-      if (threadIdx.x == 0) scales[blockIdx.x] = scale;
-    }
-  }
+  if (!row_scale<M, Quantize>(absmax, scales, scale_io, &scale)) return;
   auto* out = reinterpret_cast<typename Vec<T>::Quantized*>(q + blockIdx.x * k);
 #pragma unroll
   for (int r = 0; r < MaxVecs; ++r) {
