@@ -80,7 +80,7 @@ class BlockManager:
         """Block ids holding the longest cached prefix of `token_ids`, in full blocks.
 
         At least one token is always left to compute, so the model still produces the next logits.
-        Lookups are counted in `stats`; the blocks are not taken until `allocate` is given them.
+        The blocks are not taken until `allocate` is given them (which also counts the hit in `stats`).
         """
         if not self.enable_prefix_caching:
             return []
@@ -94,8 +94,6 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
             found.append(block_id)
-        self.stats.queries += len(token_ids)
-        self.stats.hits += len(found) * self.block_size
         return found
 
     # ----------------------------------------------------------------------------------------------
@@ -116,6 +114,9 @@ class BlockManager:
             return False
         if table is None:
             table = self.block_tables[seq_id] = []
+            if self.enable_prefix_caching:
+                self.stats.queries += len(token_ids)
+                self.stats.hits += len(reused) * self.block_size
         for block_id in reused:
             self._take(block_id)
             table.append(block_id)
