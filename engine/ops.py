@@ -48,11 +48,24 @@ def _load_extension() -> bool:
 EXTENSION_LOADED = _load_extension()
 
 
+_warned_missing_ops: set[str] = set()
+
+
 def _cuda_op_or_none(name: str, tensor: torch.Tensor) -> torch._ops.OpOverloadPacket | None:
-    """The compiled op for a CUDA tensor; None on the CPU, where the reference is the implementation."""
+    """The compiled op for a CUDA tensor; None on the CPU, where the reference is the implementation.
+
+    An op the built extension lacks (an older build, or a kernel not written yet) runs as its reference,
+    with one warning per op so a slow GPU path never goes unnoticed.
+    """
     if not tensor.is_cuda or not EXTENSION_LOADED:
         return None
-    return getattr(torch.ops.smoothserve, name)
+    try:
+        return getattr(torch.ops.smoothserve, name)
+    except (AttributeError, RuntimeError):
+        if name not in _warned_missing_ops:
+            _warned_missing_ops.add(name)
+            logger.warning("smoothserve CUDA extension has no op %r: using the PyTorch reference on the GPU", name)
+        return None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -279,6 +292,67 @@ def w8a8_gemm(
             bias = bias.to(out_dtype)
         return op(a, w, a_scale.contiguous(), w_scale.contiguous(), bias, relu, out_dtype)
     return w8a8_gemm_reference(a, w, a_scale, w_scale, bias, relu, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged KV cache: caches are [num_blocks, block_size, num_heads, head_dim]; slot = block * block_size + offset
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store the new tokens' keys and values [T, H, D] at their cache slots [T]."""
+    _check(key.shape == value.shape and key.shape[0] == slots.shape[0], "write_kv_cache: key, value, slots mismatch")
+    op = _cuda_op_or_none("write_kv_cache", key)
+    if op is not None:
+        op(key, value, key_cache, value_cache, slots)
+        return
+    key_cache.view(-1, *key.shape[1:])[slots] = key.to(key_cache.dtype)
+    value_cache.view(-1, *value.shape[1:])[slots] = value.to(value_cache.dtype)
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: tuple[int, ...],
+    context_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    block_size = key_cache.shape[1]
+    outputs, start = [], 0
+    for index, (new, context) in enumerate(zip(query_lens, context_lens, strict=True)):
+        total = context + new
+        blocks = block_tables[index, : -(-total // block_size)].long()
+        keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)  # [H, total, D]
+        values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)
+        q = query[start : start + new].transpose(0, 1)  # [H, new, D]
+        # Query i sits at position context + i and sees keys 0 .. context + i.
+        visible = (
+            torch.arange(total, device=q.device)[None, :] <= (context + torch.arange(new, device=q.device))[:, None]
+        )
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible, scale=scale)
+        outputs.append(out.transpose(0, 1))
+        start += new
+    return torch.cat(outputs)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: tuple[int, ...],
+    context_lens: tuple[int, ...],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new tokens [T, H, D] over their sequences' cached context plus themselves."""
+    _check(query.shape[0] == sum(query_lens), "paged_attention: query rows and query_lens disagree")
+    op = _cuda_op_or_none("paged_attention", query)
+    if op is not None:
+        return op(query, key_cache, value_cache, block_tables, list(query_lens), list(context_lens), scale)
+    return paged_attention_reference(query, key_cache, value_cache, block_tables, query_lens, context_lens, scale)
 
 
 # --------------------------------------------------------------------------------------------------

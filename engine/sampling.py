@@ -149,7 +149,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         if row.generator is not None:
             noise[index] = torch.empty(noise.shape[-1], device=device).exponential_(generator=row.generator)
     sampled = (logprobs.exp() / noise).argmax(dim=-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
+    greedy = torch.tensor([r.params.greedy for r in rows], dtype=torch.bool, device=device)
     chosen = torch.where(greedy, logprobs.argmax(dim=-1), sampled)
 
     chosen_logprobs = logprobs.gather(-1, chosen[:, None]).squeeze(-1)

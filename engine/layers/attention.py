@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import ops
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -21,9 +23,20 @@ class AttentionMetadata:
 
     seq_lens[i] is the number of new tokens of sequence i; they occupy rows
     [sum(seq_lens[:i]), sum(seq_lens[:i+1])) of every [T, ...] tensor.
+
+    With a paged KV cache (set by the model runner), sequence i also has context_lens[i] tokens cached
+    before this step; its new tokens are written to the cache slots `slot_mapping` (block * block_size
+    + offset) and attend to all context_lens[i] + seq_lens[i] tokens through block_tables[i].
     """
 
     seq_lens: tuple[int, ...]
+    context_lens: tuple[int, ...] | None = None
+    slot_mapping: torch.Tensor | None = None  # int64 [T]
+    block_tables: torch.Tensor | None = None  # int32 [B, max_blocks], padded with 0
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.slot_mapping is not None
 
     @classmethod
     def no_cache(cls, seq_lens: list[int] | tuple[int, ...]) -> AttentionMetadata:
@@ -44,12 +57,16 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
+        # Bound by the model runner: (keys, values), each [num_blocks, block_size, num_heads, head_dim].
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         # q, k, v: [T, num_heads * head_dim] -> out: [T, num_heads * head_dim]
         num_tokens = q.shape[0]
         if num_tokens != metadata.num_tokens:
             raise ValueError(f"batch has {num_tokens} tokens but the metadata describes {metadata.num_tokens}")
+        if metadata.uses_kv_cache:
+            return self._paged(q, k, v, metadata)
         lens = metadata.seq_lens
         if all(n == lens[0] for n in lens):  # equal lengths: one batched call
             return self._causal(q, k, v, batch=len(lens), seq_len=lens[0])
@@ -58,6 +75,19 @@ class Attention(nn.Module):
             for qs, ks, vs, n in zip(q.split(lens), k.split(lens), v.split(lens), lens, strict=True)
         ]
         return torch.cat(outputs)
+
+    def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("attention metadata asks for the KV cache, but none is bound to this layer")
+        key_cache, value_cache = self.kv_cache
+        shape = (-1, self.num_heads, self.head_dim)
+        # Every new token's K/V is written before any attention reads the cache (the prefix cache relies on it).
+        ops.write_kv_cache(k.view(shape), v.view(shape), key_cache, value_cache, metadata.slot_mapping)
+        out = ops.paged_attention(
+            q.view(shape), key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.context_lens,
+            self.scale,
+        )  # fmt: skip
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B*L, nh*hd] -> [B, nh, L, hd]

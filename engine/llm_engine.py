@@ -1,0 +1,198 @@
+"""The engine: requests in, one step at a time, outputs out.
+
+    step() = schedule -> run the model -> sample -> postprocess (detokenize, stop, free)
+
+The HTTP server drives `add_request`, `abort_request` and `step` from its engine thread; the offline
+`LLM` class drives them in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import CalibrationConfig, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ConfigError
+from engine.kv_cache.block_manager import BlockManager
+from engine.model_runner import ModelRunner, determine_num_blocks
+from engine.models.loader import LoadedModel, load_model
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling import SamplerOutput, SamplingParams, SamplingRow, sample
+from engine.scheduler import Scheduler, SchedulerStats
+from engine.sequence import Sequence, SequenceStatus
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput]
+    generators: list[torch.Generator | None] = field(default_factory=list)
+
+
+def quantize_in_memory(loaded: LoadedModel, config: EngineConfig, tokenizer: Tokenizer) -> None:
+    """W8A8 from an FP16 checkpoint at load time; smoothing and O3 calibrate on the shipped corpus."""
+    from engine.quant.calibrate import calibrate
+    from engine.quant.data import token_windows
+    from engine.quant.quantize import smoothquant
+    from engine.tiny_model import CORPUS_RESOURCE, shipped_corpus, split_corpus
+
+    quant = config.model.quant
+    stats = None
+    if quant.needs_calibration:
+        seq_len = min(512, loaded.arch.max_position_embeddings)
+        windows = token_windows(tokenizer, [split_corpus(shipped_corpus())[0]], 64, seq_len).token_ids
+        logger.info("calibrating on %d x %d tokens of the shipped %s", len(windows), seq_len, CORPUS_RESOURCE)
+        stats = calibrate(loaded.model, windows, progress=False)
+        quant = type(quant)(
+            **{**quant.__dict__, "calibration": CalibrationConfig(CORPUS_RESOURCE, len(windows), seq_len)}
+        )
+    smoothquant(loaded.model, quant, stats)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.parallel.tensor_parallel_size != 1:
+            raise ConfigError("tensor parallelism is not available yet; use tensor_parallel_size=1")
+        self.config = config
+        loaded = load_model(config.model)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or loaded.model_dir)
+        if config.model.quantization == "w8a8" and loaded.quant is None:
+            quantize_in_memory(loaded, config, self.tokenizer)
+        self.model = loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        arch = loaded.arch
+        self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
+                                 arch.max_position_embeddings)  # fmt: skip
+        num_blocks = determine_num_blocks(self.model, config.cache, self.device, self.dtype)
+        block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, block_manager)
+        self.runner = ModelRunner(self.model, config.cache, num_blocks, self.device, self.dtype)
+        self.requests: dict[str, _Request] = {}
+
+    # ----------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+    ) -> None:
+        """Queue a request. Raises ValueError for an empty prompt or one that cannot fit the context."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        prompt_ids = [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt)] if text is not None else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        limit = min(self.max_model_len, self.scheduler.max_seq_len)
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"this model's maximum context length is {limit} tokens, but the prompt has {len(prompt_ids)} "
+                f"tokens and max_tokens asks for {params.max_tokens} more"
+            )
+        request = _Request(request_id, text, prompt_ids, params, [], [], [])
+        for index in range(params.n):
+            seq = Sequence(f"{request_id}#{index}", list(prompt_ids), data=request)
+            request.seqs.append(seq)
+            request.detokenizers.append(IncrementalDetokenizer(self.tokenizer, params.stop))
+            request.outputs.append(CompletionOutput(index))
+            seeded = params.seed is not None
+            request.generators.append(
+                torch.Generator(device=self.device).manual_seed(params.seed + index) if seeded else None
+            )
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; its KV blocks are free when this returns."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq, output in zip(request.seqs, request.outputs, strict=True):
+            if not output.finished:
+                self.scheduler.abort(seq.seq_id)
+                output.finish_reason = SequenceStatus.FINISHED_ABORTED.value
+        return self._output(request, [""] * len(request.outputs))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        model_output = self.runner.execute(scheduled, self.scheduler.sequences)
+        if not model_output.seq_ids:  # only prompt chunks that sample nothing yet
+            self.scheduler.update(scheduled, {})
+            return []
+        seqs = [self.scheduler.sequences[seq_id] for seq_id in model_output.seq_ids]
+        sampled = sample(model_output.logits, [self._sampling_row(seq) for seq in seqs])
+        self.scheduler.update(scheduled, dict(zip(model_output.seq_ids, sampled.token_ids, strict=True)))
+        return self._postprocess(seqs, sampled)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        request: _Request = seq.data
+        index = request.seqs.index(seq)
+        return SamplingRow(request.params, request.prompt_token_ids, seq.output_token_ids,
+                           request.generators[index], self.tokenizer.eos_token_id)  # fmt: skip
+
+    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        touched: dict[str, list[str]] = {}
+        for row, seq in enumerate(seqs):
+            request: _Request = seq.data
+            index = request.seqs.index(seq)
+            output, params = request.outputs[index], request.params
+            token = seq.token_ids[-1]
+            output.token_ids.append(token)
+            output.logprobs.append(sampled.logprobs[row])
+            if params.logprobs is not None:
+                output.top_logprobs.append(sampled.top_logprobs[row])
+            status = self._finish_status(seq, params, token)
+            new_text, hit_stop = request.detokenizers[index].update(output.token_ids, final=status is not None)
+            if hit_stop:
+                status = SequenceStatus.FINISHED_STOPPED
+            output.text += new_text
+            if status is not None:
+                output.finish_reason = status.value
+                self.scheduler.finish(seq.seq_id, status)
+            texts = touched.setdefault(request.request_id, [""] * len(request.outputs))
+            texts[index] += new_text
+        results = []
+        for request_id, texts in touched.items():
+            request = self.requests[request_id]
+            result = self._output(request, texts)
+            if result.finished:
+                del self.requests[request_id]
+            results.append(result)
+        return results
+
+    def _finish_status(self, seq: Sequence, params: SamplingParams, token: int) -> SequenceStatus | None:
+        generated = len(seq.output_token_ids)
+        if generated >= params.min_tokens and (
+            token in params.stop_token_ids or (token == self.tokenizer.eos_token_id and not params.ignore_eos)
+        ):
+            return SequenceStatus.FINISHED_STOPPED
+        if generated >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _output(request: _Request, new_text: list[str]) -> RequestOutput:
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, request.outputs, new_text)
