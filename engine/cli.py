@@ -133,6 +133,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+    from server.main import api_key_from_env, serve
+
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                          quant=QuantConfig(level=args.level), max_model_len=args.max_model_len),
+        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                          num_cpu_blocks=args.num_cpu_blocks, enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        server=ServerConfig(host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
+                            served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
+                            metrics_public=args.metrics_public, shutdown_timeout_s=args.shutdown_timeout),
+    )  # fmt: skip
+    return serve(config)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--device", default="auto")
     quantize.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
     quantize.set_defaults(func=cmd_quantize)
+
+    serve_parser = commands.add_parser("serve", help="serve OpenAI-style completions over HTTP")
+    serve_parser.add_argument("--model", required=True, help="model directory (FP16 or W8A8) or hub name")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--api-key", help="require this key (also SMOOTHSERVE_API_KEY)")
+    serve_parser.add_argument("--served-model-name", help="the name clients use (default: the directory name)")
+    serve_parser.add_argument("--quantization", choices=("w8a8",), help="quantize an FP16 checkpoint in memory")
+    serve_parser.add_argument("--level", choices=("O1", "O2", "O3"), default="O1", help="for --quantization w8a8")
+    serve_parser.add_argument("--max-model-len", type=int)
+    serve_parser.add_argument("--block-size", type=int, default=16)
+    serve_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve_parser.add_argument("--num-cpu-blocks", type=int, help="KV cache blocks when running on the CPU")
+    serve_parser.add_argument("--no-prefix-caching", action="store_true")
+    serve_parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    serve_parser.add_argument("--max-num-seqs", type=int, default=256)
+    serve_parser.add_argument("--max-queued-requests", type=int, default=1024)
+    serve_parser.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    serve_parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    serve_parser.add_argument("--device", default="auto")
+    serve_parser.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    serve_parser.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (FP16 or W8A8) on local data")
     evaluate.add_argument("--model", required=True)

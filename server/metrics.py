@@ -1,0 +1,67 @@
+"""Prometheus metrics: the one module that imports prometheus_client. Names follow Prometheus
+conventions (`smoothserve_` prefix, base units, `_total` counters) and carry a `model` label."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine.scheduler import SchedulerStats
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+
+
+class ServerMetrics:
+    def __init__(self, model: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model = model
+        labels = ["model"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry).labels(model)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry).labels(model)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model)
+
+        self.running = gauge("smoothserve_requests_running", "Sequences running in the engine")
+        self.waiting = gauge("smoothserve_requests_waiting", "Sequences waiting for admission")
+        self.kv_usage = gauge("smoothserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use")
+        self.prompt_tokens = counter("smoothserve_prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("smoothserve_generation_tokens", "Generated tokens of finished requests")
+        self.preemptions = counter("smoothserve_preemptions", "Sequences preempted for KV cache space")
+        self.prefix_queries = counter("smoothserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = counter("smoothserve_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.rejections = counter("smoothserve_admission_rejections", "Requests refused because the queue was full")
+        self.aborts = counter("smoothserve_aborted_requests", "Requests aborted (client gone or error)")
+        self._finished = Counter("smoothserve_requests_finished", "Completions finished, by finish reason",
+                                 ["model", "finish_reason"], registry=self.registry)  # fmt: skip
+        self.ttft = histogram("smoothserve_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.inter_token = histogram("smoothserve_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
+        self.e2e = histogram("smoothserve_e2e_request_latency_seconds", "Request latency", LATENCY_BUCKETS)
+        self.queue_time = histogram("smoothserve_request_queue_time_seconds", "Time before the first step",
+                                    LATENCY_BUCKETS)  # fmt: skip
+        self.prompt_length = histogram("smoothserve_request_prompt_tokens", "Prompt length", TOKEN_BUCKETS)
+        self.generation_length = histogram("smoothserve_request_generation_tokens", "Completion length", TOKEN_BUCKETS)
+        self._last = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+
+    def finished(self, finish_reason: str) -> None:
+        self._finished.labels(self.model, finish_reason).inc()
+
+    def update_engine(self, stats: SchedulerStats) -> None:
+        """Called by the engine thread after each step (prometheus_client is thread-safe)."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.preemptions.inc(stats.num_preemptions - self._last.num_preemptions)
+        self.prefix_queries.inc(stats.prefix_cache_queries - self._last.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits - self._last.prefix_cache_hits)
+        self._last = stats
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
