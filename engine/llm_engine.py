@@ -92,6 +92,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
+        if text is not None:
+            text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for lone surrogates
         prompt_ids = [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt)] if text is not None else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")

@@ -361,5 +361,7 @@ async def stream_completion(state: ServerState, body: CompletionRequest, complet
                 yield event(final.model_dump())
         yield "data: [DONE]\n\n"
     finally:
+        if len(finals) < len(streams) or not all(f.finished for f in finals.values()):
+            state.metrics.aborts.inc()
         for task in tasks:
             task.cancel()

@@ -62,21 +62,26 @@ class EngineClient:
         """Requests admitted and not finished (queued or running)."""
         return len(self._queues)
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one engine request as they are produced; the last one is finished.
-        Raises ValueError for a request the engine refuses, EngineDeadError if the engine fails."""
+        """Admit a request now (it counts in `num_requests` from this call) and return its outputs as they
+        are produced; the last one is finished. Iterating raises ValueError for a request the engine
+        refuses and EngineDeadError if the engine fails. Closing the iterator early aborts the request."""
         if self.error is not None:
             raise EngineDeadError("the engine has failed")
         results: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = results
         self._commands.put(("add", request_id, prompt, params))
+        return self._outputs(request_id, results)
+
+    async def _outputs(self, request_id: str, results: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 item = await results.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
                     raise item
                 finished = item.finished
                 yield item
@@ -91,7 +96,9 @@ class EngineClient:
     # Engine thread
 
     def _deliver(self, request_id: str, item: object) -> None:
-        target = self._queues.get(request_id)
+        # A finished (or failed) request stops counting as admitted here, even if nobody reads it.
+        last = isinstance(item, BaseException) or getattr(item, "finished", False)
+        target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
         if target is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(target.put_nowait, item)
 
@@ -104,6 +111,9 @@ class EngineClient:
                 self.engine.add_request(request_id, prompt, params)
             except ValueError as error:
                 self._deliver(request_id, error)
+            except Exception as error:
+                logger.exception("request %s could not be added", request_id)
+                self._deliver(request_id, RuntimeError(f"request could not be added: {type(error).__name__}"))
         elif command[0] == "abort":
             self.engine.abort_request(command[1])
 

@@ -55,11 +55,21 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in strings):
             raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long")
+        try:
+            "".join(strings).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("stop strings must be valid Unicode text") from None
         return stop
 
     @field_validator("prompt")
     @classmethod
     def _non_empty_prompt(cls, prompt: Any) -> Any:
+        texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("prompt is not valid Unicode text (lone surrogate)") from None
         if prompt == "" or prompt == [] or (isinstance(prompt, list) and any(p in ("", []) for p in prompt)):
             raise ValueError("prompt must not be empty")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > MAX_PROMPTS:
