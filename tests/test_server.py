@@ -225,3 +225,24 @@ def test_metrics_after_traffic(server) -> None:
     assert value('smoothserve_kv_cache_usage_ratio{model="tiny"}') >= 0.0
     assert 'smoothserve_requests_running{model="tiny"}' in samples
     assert 'smoothserve_admission_rejections_total{model="tiny"}' in samples
+
+
+def test_an_engine_failure_gives_500_and_unhealthy(trained_outlier_model_dir) -> None:
+    running = RunningServer(trained_outlier_model_dir)
+    try:
+        runner = running.state.client.engine.runner
+
+        def broken_forward(*args, **kwargs):
+            raise RuntimeError("injected failure in the model forward")
+
+        runner.execute = broken_forward
+        response = post(running, {"model": "tiny", "prompt": "To be", "max_tokens": 3})
+        assert_error(response, 500, "engine failed")
+        assert "injected" not in response.text  # internals stay in the server log
+        streamed = httpx.post(f"{running.url}/v1/completions", headers=headers(), timeout=30,
+                              json={"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True})  # fmt: skip
+        assert streamed.status_code in (200, 503)
+        assert httpx.get(f"{running.url}/health").status_code == 503
+        assert httpx.get(f"{running.url}/ready").status_code == 503
+    finally:
+        running.stop()
