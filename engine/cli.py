@@ -106,30 +106,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+    from engine.eval import command
 
-    from engine.eval.perplexity import perplexity
-    from engine.models.loader import load_model
-    from engine.quant.data import read_texts
-    from engine.tokenizer import load_tokenizer
+    return command.run(args)
 
-    texts = read_texts(args.data)
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=args.device))
-    window = min(args.window, loaded.arch.max_position_embeddings)
-    tokenizer = load_tokenizer(loaded.model_dir)
-    ids: list[int] = [tokenizer.bos_token_id]
-    for text in texts:
-        ids.extend(tokenizer.encode(text))
-    if args.limit_tokens:
-        ids = ids[: args.limit_tokens]
-    started = time.perf_counter()
-    ppl = perplexity(loaded.model, torch.tensor(ids), window=window, stride=args.stride, progress=True)
-    variant = f"W8A8 {loaded.quant.level}" if loaded.quant else str(loaded.dtype).replace("torch.", "")
-    print(
-        f"{args.model} [{variant}] perplexity {ppl:.4f} on {len(ids) - 1} tokens of {Path(args.data).name} "
-        f"(window {window}; {_dir_size_gb(loaded.model_dir):.3f} GB; {time.perf_counter() - started:.1f} s)"
-    )
-    return 0
+
+# --------------------------------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import command
+
+    return command.run(args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,16 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
     serve_parser.set_defaults(func=cmd_serve)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model (FP16 or W8A8) on local data")
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--task", choices=("perplexity",), default="perplexity")
-    evaluate.add_argument("--data", required=True, help="raw text, or .jsonl with a text field")
-    evaluate.add_argument("--window", type=int, default=1024, help="context window in tokens (default 1024)")
-    evaluate.add_argument("--stride", type=int, help="window stride (default window/2)")
-    evaluate.add_argument("--limit-tokens", type=int, help="score only the first N tokens")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    evaluate = commands.add_parser("eval", help="evaluate models (FP16, W8A8, or variants compared) on a task")
+    from engine.eval.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = commands.add_parser("bench", help="load a running server and measure latency and throughput")
+    from engine.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

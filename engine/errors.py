@@ -22,3 +22,11 @@ class CalibrationError(SmoothServeError):
 
 class QuantizationError(SmoothServeError):
     """A model cannot be smoothed or quantized as asked."""
+
+
+class DataError(SmoothServeError):
+    """An evaluation or benchmark data file or data set is missing, empty or unusable."""
+
+
+class BenchmarkError(SmoothServeError):
+    """A benchmark cannot run as asked (e.g. the server cannot be reached)."""

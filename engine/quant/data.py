@@ -12,15 +12,18 @@ from engine.errors import CalibrationError
 from engine.tokenizer import Tokenizer
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """A .jsonl file gives the "text" field of each line; any other file is one text."""
+def read_texts(path: str | Path, what: str = "calibration") -> list[str]:
+    """A .jsonl file gives the "text" field of each line; any other file is one text.
+
+    `what` names the file's role in error messages ("calibration", "evaluation").
+    """
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"calibration file not found: {path}")
+        raise CalibrationError(f"{what} file not found: {path}")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise CalibrationError(f"cannot read calibration file {path} as UTF-8 text ({error})") from None
+        raise CalibrationError(f"cannot read {what} file {path} as UTF-8 text ({error})") from None
     if path.suffix != ".jsonl":
         texts = [raw]
     else:
@@ -37,7 +40,7 @@ def read_texts(path: str | Path) -> list[str]:
             texts.append(record["text"])
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise CalibrationError(f"calibration file {path} contains no text")
+        raise CalibrationError(f"{what} file {path} contains no text")
     return texts
 
 
