@@ -28,4 +28,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> add_layernorm_quant(
     const std::optional<torch::Tensor>& bias, double eps, const std::string& mode,
     const std::optional<torch::Tensor>& static_scale);
 
+// Paged KV cache: caches are [num_blocks, block_size, num_heads, head_dim]; slot = block * block_size + offset.
+void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
+                    torch::Tensor& value_cache, const torch::Tensor& slots);
+
+torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& seq_lens, double scale);
+
 }  // namespace smoothserve

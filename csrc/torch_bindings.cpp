@@ -18,6 +18,14 @@ TORCH_LIBRARY(smoothserve, m) {
   m.def(
       "add_layernorm_quant(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, str mode, "
       "Tensor? static_scale) -> (Tensor, Tensor, Tensor)");
+  // key_cache[slots[t]] = key[t] (and values); a negative slot is a padding row and writes nothing.
+  m.def(
+      "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots) "
+      "-> ()");
+  // One query token per sequence [B, H, D] over seq_lens[b] cached tokens (its own included).
+  m.def(
+      "paged_attention_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor seq_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
@@ -27,6 +35,8 @@ TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
   m.impl("quantize_static", &smoothserve::quantize_static);
   m.impl("layernorm_quant", &smoothserve::layernorm_quant);
   m.impl("add_layernorm_quant", &smoothserve::add_layernorm_quant);
+  m.impl("write_kv_cache", &smoothserve::write_kv_cache);
+  m.impl("paged_attention_decode", &smoothserve::paged_attention_decode);
 }
 
 // Importing engine._C registers the ops above.

@@ -116,6 +116,8 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     revision: str | None = None
+    # Run every step eagerly; otherwise decode steps on a GPU replay captured CUDA graphs.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a directory or a hub model")

@@ -32,10 +32,12 @@ class LLM:
         max_num_seqs: int = 256,
         enable_chunked_prefill: bool = True,
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
-                              quant=quant or QuantConfig(), max_model_len=max_model_len, seed=seed),
+                              quant=quant or QuantConfig(), max_model_len=max_model_len, seed=seed,
+                              enforce_eager=enforce_eager),
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching, num_cpu_blocks=num_cpu_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

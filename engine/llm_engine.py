@@ -17,7 +17,7 @@ from engine.config import CalibrationConfig, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError
 from engine.kv_cache.block_manager import BlockManager
-from engine.model_runner import ModelRunner, determine_num_blocks
+from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplerOutput, SamplingParams, SamplingRow, sample
@@ -74,10 +74,16 @@ class LLMEngine:
         arch = loaded.arch
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
                                  arch.max_position_embeddings)  # fmt: skip
-        num_blocks = determine_num_blocks(self.model, config.cache, self.device, self.dtype)
+        activation_bytes = 0
+        if self.device.type == "cuda":
+            activation_bytes = profile_activation_bytes(self.model, config.scheduler, self.max_model_len)
+        num_blocks = determine_num_blocks(self.model, config.cache, self.device, self.dtype, activation_bytes)
         block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager)
-        self.runner = ModelRunner(self.model, config.cache, num_blocks, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model, config.cache, num_blocks, self.device, self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.model.enforce_eager,
+        )  # fmt: skip
         self.requests: dict[str, _Request] = {}
 
     # ----------------------------------------------------------------------------------------------

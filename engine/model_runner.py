@@ -3,24 +3,31 @@
 It owns the KV cache tensors (one key and one value tensor per layer, [num_blocks, block_size, heads,
 head_dim]) and turns a `SchedulerOutput` into the flattened batch: input ids, positions, cache slots,
 block tables, context lengths. It returns the logits of the sequences that sample this step.
+
+On a GPU, decode-only steps replay CUDA graphs captured once per batch-size bucket: a decode step of a
+large model launches hundreds of small kernels, and replaying them as one graph removes the CPU launch
+cost that otherwise dominates at small batch sizes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import CacheConfig
+from engine.config import CacheConfig, SchedulerConfig
 from engine.layers.attention import AttentionMetadata
 from engine.models.opt import OPTForCausalLM
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_BLOCKS = 512
+# Decode batch sizes captured as CUDA graphs; a batch runs in the smallest bucket that holds it.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 257, 16))
 
 
 @dataclass(frozen=True)
@@ -35,24 +42,157 @@ def kv_bytes_per_block(model: OPTForCausalLM, block_size: int, dtype: torch.dtyp
     return per_token * block_size
 
 
-def determine_num_blocks(model: OPTForCausalLM, cache: CacheConfig, device: torch.device, dtype: torch.dtype) -> int:
+@torch.no_grad()
+def profile_activation_bytes(model: OPTForCausalLM, scheduler: SchedulerConfig, max_model_len: int) -> int:
+    """Peak GPU memory of the largest step the scheduler may run (a full token budget of prefill, then the
+    logits of as many sequences as may sample), measured by running it on dummy tokens."""
+    device = model.device
+    tokens = scheduler.max_num_batched_tokens
+    lens = [max_model_len] * (tokens // max_model_len) + ([tokens % max_model_len] if tokens % max_model_len else [])
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    hidden = model(input_ids, positions, AttentionMetadata.no_cache(lens))
+    model.compute_logits(hidden[: min(scheduler.max_num_seqs, tokens)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del input_ids, positions, hidden
+    torch.cuda.empty_cache()
+    return peak
+
+
+def determine_num_blocks(
+    model: OPTForCausalLM,
+    cache: CacheConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    activation_bytes: int = 0,
+) -> int:
     """KV blocks to allocate: a fixed count on the CPU; on a GPU, what `gpu_memory_utilization` of the
-    device leaves after the weights and an activation reserve."""
+    device leaves after the weights (everything allocated now) and the profiled activation peak."""
     if device.type != "cuda":
         return cache.num_cpu_blocks or DEFAULT_CPU_BLOCKS
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    # Activation peak not profiled yet: reserve a fixed 10% of the device for it.
-    budget = cache.gpu_memory_utilization * total - used - 0.10 * total
-    num_blocks = int(budget // kv_bytes_per_block(model, cache.block_size, dtype))
+    budget = cache.gpu_memory_utilization * total - used - activation_bytes
+    per_block = kv_bytes_per_block(model, cache.block_size, dtype)
+    num_blocks = int(budget // per_block)
+    logger.info(
+        "GPU memory: %.2f GiB total, %.2f GiB in use (weights), %.2f GiB activation peak, %.2f GiB for the KV cache",
+        total / 2**30, used / 2**30, activation_bytes / 2**30, max(num_blocks, 0) * per_block / 2**30,
+    )  # fmt: skip
     if num_blocks < 1:
         raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization or use a smaller model")
     return num_blocks
 
 
+@dataclass
+class _Batch:
+    """The flattened step, on the host: decodes first, then prefill chunks."""
+
+    scheduled: list[ScheduledSequence]
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    sample_rows: list[int]
+    sample_ids: list[str]
+    num_decodes: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_decodes == len(self.scheduled)
+
+
+class _DecodeGraphs:
+    """CUDA graphs of the decode step, one per batch bucket, sharing static input buffers and one memory pool.
+
+    Padding rows (bucket size > batch) have slot -1 (no KV write) and length 0 (zero attention output);
+    their results are never read.
+    """
+
+    def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
+        self.model = model
+        self.sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
+        if not self.sizes or self.sizes[-1] < max_batch:
+            self.sizes.append(max_batch)
+        largest = self.sizes[-1]
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.slots = torch.full((largest,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((largest, max_blocks), dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            seq_lens=(1,) * size,
+            context_lens=(0,) * size,  # unused by decode rows; their lengths are on the device
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            num_decodes=size,
+            decode_seq_lens=self.seq_lens[:size],
+        )
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
+            args = (self.input_ids[:size], self.positions[:size], self._metadata(size))
+            self.model(*args)  # warm-up: lazy initialisation must not happen inside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.2f GiB",
+                    len(self.graphs), self.max_batch, time.perf_counter() - start,
+                    (torch.cuda.memory_reserved() - before) / 2**30)  # fmt: skip
+
+    def run(self, batch: _Batch, tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+        count = len(batch.input_ids)
+        size = next(b for b in self.sizes if b >= count)
+        width = self.block_tables.shape[1]
+
+        def host(values: list, dtype: torch.dtype, pad: int) -> torch.Tensor:
+            return torch.tensor(values + [pad] * (size - count), dtype=dtype)
+
+        self.input_ids[:size].copy_(host(batch.input_ids, torch.long, 0), non_blocking=True)
+        self.positions[:size].copy_(host(batch.positions, torch.long, 0), non_blocking=True)
+        self.slots[:size].copy_(host(batch.slots, torch.long, -1), non_blocking=True)
+        self.seq_lens[:size].copy_(host(seq_lens, torch.int32, 0), non_blocking=True)
+        padded = torch.zeros((size, width), dtype=torch.int32)
+        for row, table in enumerate(tables):
+            padded[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        self.block_tables[:size].copy_(padded, non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:count]
+
+
 class ModelRunner:
     def __init__(
-        self, model: OPTForCausalLM, cache: CacheConfig, num_blocks: int, device: torch.device, dtype: torch.dtype
+        self,
+        model: OPTForCausalLM,
+        cache: CacheConfig,
+        num_blocks: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        enforce_eager: bool = True,
     ) -> None:
         self.model = model
         self.block_size = cache.block_size
@@ -67,35 +207,50 @@ class ModelRunner:
             self.kv_caches.append((keys, values))
         gib = 2 * len(self.kv_caches) * keys.numel() * keys.element_size() / 1024**3
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size, gib)
+        self.graphs: _DecodeGraphs | None = None
+        if device.type == "cuda" and not enforce_eager:
+            max_len = max_model_len or arch.max_position_embeddings
+            max_blocks = -(-max_len // cache.block_size)
+            self.graphs = _DecodeGraphs(model, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks, device)
+            self.graphs.capture()
+
+    def _flatten(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> _Batch:
+        # Decodes (one new token) first: the attention layer runs them as one batched kernel.
+        scheduled = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
+        batch = _Batch(scheduled, [], [], [], [], [], sum(1 for s in scheduled if s.num_new_tokens == 1))
+        for s in scheduled:
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            batch.input_ids.extend(sequences[s.seq_id].token_ids[start:end])
+            batch.positions.extend(range(start, end))
+            batch.slots.extend(s.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                               for p in range(start, end))  # fmt: skip
+            if s.samples:
+                batch.sample_rows.append(len(batch.input_ids) - 1)
+                batch.sample_ids.append(s.seq_id)
+        return batch
 
     @torch.no_grad()
     def execute(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> ModelOutput:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        sample_ids: list[str] = []
-        for s in output.scheduled:
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            input_ids.extend(sequences[s.seq_id].token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(s.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                         for p in range(start, end))  # fmt: skip
-            if s.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(s.seq_id)
-        widest = max(len(s.block_table) for s in output.scheduled)
-        tables = [list(s.block_table) + [0] * (widest - len(s.block_table)) for s in output.scheduled]
+        batch = self._flatten(output, sequences)
+        tables = [list(s.block_table) for s in batch.scheduled]
+        decode_lens = [s.num_computed_tokens + 1 for s in batch.scheduled[: batch.num_decodes]]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        metadata = AttentionMetadata(
-            seq_lens=tuple(s.num_new_tokens for s in output.scheduled),
-            context_lens=tuple(s.num_computed_tokens for s in output.scheduled),
-            slot_mapping=tensor(slots, torch.long),
-            block_tables=tensor(tables, torch.int32),
-        )
-        hidden = self.model(tensor(input_ids, torch.long), tensor(positions, torch.long), metadata)
-        logits = self.model.compute_logits(hidden[tensor(sample_rows, torch.long)])
-        return ModelOutput(sample_ids, logits)
+        if self.graphs is not None and batch.decode_only and len(batch.scheduled) <= self.graphs.max_batch:
+            hidden = self.graphs.run(batch, tables, decode_lens)
+        else:
+            widest = max(len(t) for t in tables)
+            metadata = AttentionMetadata(
+                seq_lens=tuple(s.num_new_tokens for s in batch.scheduled),
+                context_lens=tuple(s.num_computed_tokens for s in batch.scheduled),
+                slot_mapping=tensor(batch.slots, torch.long),
+                block_tables=tensor([t + [0] * (widest - len(t)) for t in tables], torch.int32),
+                num_decodes=batch.num_decodes,
+                decode_seq_lens=tensor(decode_lens, torch.int32) if batch.num_decodes else None,
+            )
+            hidden = self.model(tensor(batch.input_ids, torch.long), tensor(batch.positions, torch.long), metadata)
+        every_row = len(batch.sample_rows) == hidden.shape[0]
+        sampled = hidden if every_row else hidden[tensor(batch.sample_rows, torch.long)]
+        return ModelOutput(batch.sample_ids, self.model.compute_logits(sampled))

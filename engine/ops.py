@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +302,15 @@ def w8a8_gemm(
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Store the new tokens' keys and values [T, H, D] at their cache slots [T]."""
+    """Store the new tokens' keys and values [T, H, D] at their cache slots [T]; a slot < 0 writes nothing."""
     _check(key.shape == value.shape and key.shape[0] == slots.shape[0], "write_kv_cache: key, value, slots mismatch")
     op = _cuda_op_or_none("write_kv_cache", key)
     if op is not None:
         op(key, value, key_cache, value_cache, slots)
         return
-    key_cache.view(-1, *key.shape[1:])[slots] = key.to(key_cache.dtype)
-    value_cache.view(-1, *value.shape[1:])[slots] = value.to(value_cache.dtype)
+    keep = slots >= 0
+    key_cache.view(-1, *key.shape[1:])[slots[keep]] = key[keep].to(key_cache.dtype)
+    value_cache.view(-1, *value.shape[1:])[slots[keep]] = value[keep].to(value_cache.dtype)
 
 
 def paged_attention_reference(
@@ -320,6 +322,8 @@ def paged_attention_reference(
     context_lens: tuple[int, ...],
     scale: float,
 ) -> torch.Tensor:
+    """The specification of attention over the paged cache: sequence i's query_lens[i] new tokens [T, H, D],
+    already written to the cache after its context_lens[i] cached ones, attend causally to all of them."""
     block_size = key_cache.shape[1]
     outputs, start = [], 0
     for index, (new, context) in enumerate(zip(query_lens, context_lens, strict=True)):
@@ -332,27 +336,89 @@ def paged_attention_reference(
         visible = (
             torch.arange(total, device=q.device)[None, :] <= (context + torch.arange(new, device=q.device))[:, None]
         )
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q.float(), keys.float(), values.float(), attn_mask=visible, scale=scale
+        ).to(q.dtype)
         outputs.append(out.transpose(0, 1))
         start += new
     return torch.cat(outputs)
 
 
-def paged_attention(
+def paged_attention_decode_reference(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    query_lens: tuple[int, ...],
-    context_lens: tuple[int, ...],
+    seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of new tokens [T, H, D] over their sequences' cached context plus themselves."""
-    _check(query.shape[0] == sum(query_lens), "paged_attention: query rows and query_lens disagree")
-    op = _cuda_op_or_none("paged_attention", query)
+    """One new token per sequence [B, H, D] over its seq_lens[b] cached tokens (its own included), in
+    float32; a sequence of length 0 (a padding row) gets zeros."""
+    keys = key_cache[block_tables.long()].flatten(1, 2).float()  # [B, W * block_size, H, D]
+    values = value_cache[block_tables.long()].flatten(1, 2).float()
+    scores = torch.einsum("bhd,bthd->bht", query.float(), keys) * scale
+    visible = torch.arange(keys.shape[1], device=query.device)[None, :] < seq_lens.to(query.device)[:, None].long()
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf (length 0) -> zeros
+    return torch.einsum("bht,bthd->bhd", probs, values).to(query.dtype)
+
+
+_DECODE_KERNEL_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention: query [B, H, D] (rows may be strided), block_tables int32 [B, W], seq_lens int32 [B].
+
+    The CUDA kernel's launch depends only on shapes, never on the lengths' values, so it is safe inside
+    a CUDA graph.
+    """
+    _check(query.dim() == 3 and block_tables.shape[0] == query.shape[0] == seq_lens.shape[0],
+           "paged_attention_decode: query [B, H, D], block_tables [B, W] and seq_lens [B] disagree")  # fmt: skip
+    op = _cuda_op_or_none("paged_attention_decode", query)
     if op is not None:
-        return op(query, key_cache, value_cache, block_tables, list(query_lens), list(context_lens), scale)
-    return paged_attention_reference(query, key_cache, value_cache, block_tables, query_lens, context_lens, scale)
+        name = "paged_attention_decode"
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        _check(half, f"{name}: the CUDA kernel takes float16 or bfloat16, not {query.dtype}")
+        _check(query.shape[2] in _DECODE_KERNEL_HEAD_DIMS,
+               f"{name}: head_dim {query.shape[2]} is not one of {_DECODE_KERNEL_HEAD_DIMS}")  # fmt: skip
+        return op(query, key_cache, value_cache, block_tables, seq_lens, scale)
+    return paged_attention_decode_reference(query, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's chunk of new tokens [n, H, D] attending causally to its context_len cached tokens
+    and to itself. Without context it runs on the new keys directly (FlashAttention on a GPU); with
+    context, the cached prefix is gathered from the blocks (where the new keys were already written)."""
+    new = query.shape[0]
+    q = query.transpose(0, 1)  # [H, n, D]
+    if context_len == 0:
+        out = F.scaled_dot_product_attention(q, key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=scale)
+        return out.transpose(0, 1)
+    total = context_len + new
+    block_size = key_cache.shape[1]
+    blocks = block_table[: -(-total // block_size)].long()
+    keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)  # [H, total, D]
+    values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)
+    # Query i sits at position context_len + i: the causal mask aligned to the lower right.
+    mask = causal_lower_right(new, total)
+    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +463,10 @@ if EXTENSION_LOADED:
         rows = x.shape[0] if mode == "per_token" else 1
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
                 x.new_empty(x.shape))  # fmt: skip
+
+    @torch.library.register_fake("smoothserve::paged_attention_decode")
+    def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, seq_lens, scale):
+        return query.new_empty(query.shape)
 
     @torch.library.register_fake("smoothserve::layernorm_quant")
     def _layernorm_quant_fake(x, weight, bias, eps, mode, static_scale):

@@ -26,13 +26,20 @@ class AttentionMetadata:
 
     With a paged KV cache (set by the model runner), sequence i also has context_lens[i] tokens cached
     before this step; its new tokens are written to the cache slots `slot_mapping` (block * block_size
-    + offset) and attend to all context_lens[i] + seq_lens[i] tokens through block_tables[i].
+    + offset; -1 for a padding row) and attend to all context_lens[i] + seq_lens[i] tokens through
+    block_tables[i].
+
+    The model runner puts single-token sequences (decodes) first: the first `num_decodes` sequences have
+    one new token each and run as one batched decode kernel, whose lengths (context + 1) are the device
+    tensor `decode_seq_lens`, so a decode step needs no host values and can be a CUDA graph.
     """
 
     seq_lens: tuple[int, ...]
     context_lens: tuple[int, ...] | None = None
     slot_mapping: torch.Tensor | None = None  # int64 [T]
     block_tables: torch.Tensor | None = None  # int32 [B, max_blocks], padded with 0
+    num_decodes: int = 0
+    decode_seq_lens: torch.Tensor | None = None  # int32 [num_decodes]
 
     @property
     def uses_kv_cache(self) -> bool:
@@ -79,14 +86,31 @@ class Attention(nn.Module):
     def _paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         if self.kv_cache is None:
             raise RuntimeError("attention metadata asks for the KV cache, but none is bound to this layer")
+        if metadata.block_tables is None or metadata.context_lens is None:
+            raise ValueError("paged attention needs block tables and context lengths")
         key_cache, value_cache = self.kv_cache
         shape = (-1, self.num_heads, self.head_dim)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
         # Every new token's K/V is written before any attention reads the cache (the prefix cache relies on it).
-        ops.write_kv_cache(k.view(shape), v.view(shape), key_cache, value_cache, metadata.slot_mapping)
-        out = ops.paged_attention(
-            q.view(shape), key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.context_lens,
-            self.scale,
-        )  # fmt: skip
+        ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        outputs = []
+        decodes = metadata.num_decodes
+        if decodes:
+            if metadata.decode_seq_lens is None:
+                raise ValueError("decode rows need decode_seq_lens")
+            outputs.append(ops.paged_attention_decode(
+                q[:decodes], key_cache, value_cache, metadata.block_tables[:decodes], metadata.decode_seq_lens,
+                self.scale,
+            ))  # fmt: skip
+        start = decodes
+        for index in range(decodes, len(metadata.seq_lens)):
+            end = start + metadata.seq_lens[index]
+            outputs.append(ops.prefill_attention(
+                q[start:end], k[start:end], v[start:end], key_cache, value_cache, metadata.block_tables[index],
+                metadata.context_lens[index], self.scale,
+            ))  # fmt: skip
+            start = end
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

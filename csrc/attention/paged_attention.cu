@@ -1,0 +1,303 @@
+// Decode attention over the paged KV cache: one new query token per sequence.
+//
+// The cache is [num_blocks, block_size, num_heads, head_dim]; sequence b's token t lives in physical
+// block block_tables[b][t / block_size] at offset t % block_size. A token's key for one head is
+// head_dim contiguous elements, so a tile of tokens is loaded with coalesced 16-byte vectors.
+//
+// Work split (flash-decoding): one CTA per (head, sequence, partition of kPartitionTokens). A CTA walks
+// its partition in tiles of kTileTokens: stage K and V tiles in shared memory, score the tile, update
+// an online softmax (running max m and sum l, shared by all threads), and accumulate p·V. With one
+// partition the CTA writes the output; with several, each writes (normalized partial output, m, l) and
+// a second kernel merges them. The grid depends only on tensor shapes (never on lengths held on the
+// device), so a CUDA graph captured for a batch size replays for any lengths.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "../cuda_utils.h"
+#include "../ops.h"
+
+namespace smoothserve {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTileTokens = 64;
+constexpr int kPartitionTokens = 512;
+constexpr int kVec = 8;  // elements per 16-byte vector of fp16/bf16
+// Shared-memory rows are padded by one vector so 16-byte reads of neighbouring rows hit different banks.
+constexpr int kRowPad = kVec;
+
+template <typename T>
+__device__ __forceinline__ float2 to_float2(T a, T b) {
+  return make_float2(static_cast<float>(a), static_cast<float>(b));
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
+}
+
+template <typename T, int HeadDim>
+struct SharedTiles {
+  static constexpr int kRow = HeadDim + kRowPad;
+  static constexpr int kPairs = HeadDim / 2;
+  // Threads that accumulate p·V: `kGroups` groups of `kPairs` threads, each group a share of the tile.
+  static constexpr int kGroups = kThreads / kPairs;
+  T keys[kTileTokens * kRow];
+  T values[kTileTokens * kRow];
+  float query[HeadDim];
+  float logits[kTileTokens];
+  float probs[kTileTokens];
+  float partial[kGroups * HeadDim];
+};
+
+template <typename T, int HeadDim>
+__global__ void __launch_bounds__(kThreads)
+    paged_attention_decode_kernel(T* __restrict__ out,                 // [B, H, D]
+                                  float* __restrict__ partial_out,     // [B, H, P, D] when P > 1
+                                  float* __restrict__ partial_max,     // [B, H, P]
+                                  float* __restrict__ partial_sum,     // [B, H, P]
+                                  const T* __restrict__ query,         // [B, H, D], token stride q_stride
+                                  int64_t q_stride,
+                                  const T* __restrict__ key_cache,     // [blocks, block_size, H, D]
+                                  const T* __restrict__ value_cache,
+                                  const int32_t* __restrict__ block_tables,  // [B, max_blocks]
+                                  int max_blocks, const int32_t* __restrict__ seq_lens, int block_size,
+                                  float scale) {
+  using Tiles = SharedTiles<T, HeadDim>;
+  constexpr int kVecsPerRow = HeadDim / kVec;
+  static_assert(HeadDim % (2 * kVec) == 0, "two threads score a token, each an equal number of 16-byte vectors");
+  static_assert(kThreads == 2 * kTileTokens && kTileTokens == 64, "the score and softmax steps assume this shape");
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  Tiles& s = *reinterpret_cast<Tiles*>(shared_raw);
+
+  const int head = blockIdx.x, seq = blockIdx.y, partition = blockIdx.z;
+  const int num_heads = gridDim.x, num_partitions = gridDim.z;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int seq_len = seq_lens[seq];
+  const int begin = partition * kPartitionTokens;
+  const int end = min(seq_len, begin + kPartitionTokens);
+  const int64_t row = (int64_t(seq) * num_heads + head);
+
+  for (int d = tid; d < HeadDim; d += kThreads)
+    s.query[d] = static_cast<float>(query[seq * q_stride + head * HeadDim + d]) * scale;
+
+  const int32_t* table = block_tables + int64_t(seq) * max_blocks;
+  const int64_t token_stride = int64_t(num_heads) * HeadDim;
+  float m = -FLT_MAX, l = 0.0f;
+  // p·V accumulator: thread `tid` owns the dimension pair `pair` for tile tokens group, group + kGroups, ...
+  const int pair = tid % Tiles::kPairs, group = tid / Tiles::kPairs;
+  float2 acc = make_float2(0.0f, 0.0f);
+
+  for (int tile = begin; tile < end; tile += kTileTokens) {
+    __syncthreads();  // the previous tile's readers are done
+    for (int v = tid; v < kTileTokens * kVecsPerRow; v += kThreads) {
+      const int t = v / kVecsPerRow, part = v % kVecsPerRow;
+      const int token = tile + t;
+      uint4 k = make_uint4(0, 0, 0, 0), val = make_uint4(0, 0, 0, 0);  // zeros keep 0 * garbage out of p·V
+      if (token < end) {
+        const int64_t slot = int64_t(table[token / block_size]) * block_size + token % block_size;
+        const int64_t offset = slot * token_stride + head * HeadDim + part * kVec;
+        k = *reinterpret_cast<const uint4*>(key_cache + offset);
+        val = *reinterpret_cast<const uint4*>(value_cache + offset);
+      }
+      *reinterpret_cast<uint4*>(&s.keys[t * Tiles::kRow + part * kVec]) = k;
+      *reinterpret_cast<uint4*>(&s.values[t * Tiles::kRow + part * kVec]) = val;
+    }
+    __syncthreads();
+
+    // Scores: two threads per token, each half of the head dimension, combined by one shuffle.
+    {
+      const int t = tid / 2, half = tid % 2;
+      constexpr int kHalfVecs = kVecsPerRow / 2;
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kHalfVecs; ++i) {
+        const int d0 = (half * kHalfVecs + i) * kVec;
+        const uint4 raw = *reinterpret_cast<const uint4*>(&s.keys[t * Tiles::kRow + d0]);
+        const T* k = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dot += s.query[d0 + j] * static_cast<float>(k[j]);
+      }
+      dot += __shfl_xor_sync(0xffffffff, dot, 1);
+      if (half == 0) s.logits[t] = (tile + t < end) ? dot : -FLT_MAX;
+    }
+    __syncthreads();
+
+    // Every warp computes the tile maximum itself (no extra barrier); all threads keep the same m and l.
+    const float tile_max = warp_max(fmaxf(s.logits[lane], s.logits[lane + 32]));
+    const float new_m = fmaxf(m, tile_max);
+    if (tid < kTileTokens) s.probs[tid] = (tile + tid < end) ? __expf(s.logits[tid] - new_m) : 0.0f;
+    __syncthreads();
+    const float tile_sum = warp_sum(s.probs[lane] + s.probs[lane + 32]);
+    const float correction = __expf(m - new_m);
+    l = l * correction + tile_sum;
+    m = new_m;
+
+    if (group < Tiles::kGroups) {
+      acc.x *= correction;
+      acc.y *= correction;
+      const int tokens = min(kTileTokens, end - tile);
+      for (int t = group; t < tokens; t += Tiles::kGroups) {
+        const float p = s.probs[t];
+        const float2 v = to_float2(s.values[t * Tiles::kRow + 2 * pair], s.values[t * Tiles::kRow + 2 * pair + 1]);
+        acc.x += p * v.x;
+        acc.y += p * v.y;
+      }
+    }
+  }
+
+  // Merge the groups' accumulators.
+  __syncthreads();
+  if (group < Tiles::kGroups) {
+    s.partial[group * HeadDim + 2 * pair] = acc.x;
+    s.partial[group * HeadDim + 2 * pair + 1] = acc.y;
+  }
+  __syncthreads();
+  const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;  // l == 0: an empty partition or a padding row
+  for (int d = tid; d < HeadDim; d += kThreads) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int g = 0; g < Tiles::kGroups; ++g) sum += s.partial[g * HeadDim + d];
+    if (num_partitions == 1) {
+      out[row * HeadDim + d] = static_cast<T>(sum * inv_l);
+    } else {
+      partial_out[(row * num_partitions + partition) * HeadDim + d] = sum * inv_l;
+    }
+  }
+  if (num_partitions > 1 && tid == 0) {
+    partial_max[row * num_partitions + partition] = l > 0.0f ? m : -FLT_MAX;
+    partial_sum[row * num_partitions + partition] = l;
+  }
+}
+
+// out = sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p): the softmax over all partitions.
+template <typename T, int HeadDim>
+__global__ void __launch_bounds__(kThreads)
+    merge_partitions_kernel(T* __restrict__ out, const float* __restrict__ partial_out,
+                            const float* __restrict__ partial_max, const float* __restrict__ partial_sum,
+                            int num_partitions) {
+  const int64_t row = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  const float* maxes = partial_max + row * num_partitions;
+  const float* sums = partial_sum + row * num_partitions;
+  float global_max = -FLT_MAX;
+  for (int p = 0; p < num_partitions; ++p) global_max = fmaxf(global_max, maxes[p]);
+  float total = 0.0f;
+  for (int p = 0; p < num_partitions; ++p) total += sums[p] * __expf(maxes[p] - global_max);
+  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int d = threadIdx.x; d < HeadDim; d += kThreads) {
+    float value = 0.0f;
+    for (int p = 0; p < num_partitions; ++p) {
+      const float weight = sums[p] * __expf(maxes[p] - global_max);
+      value += weight * partial_out[(row * num_partitions + p) * HeadDim + d];
+    }
+    out[row * HeadDim + d] = static_cast<T>(value * inv_total);
+  }
+}
+
+template <typename T, int HeadDim>
+void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
+                   const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                   const torch::Tensor& seq_lens, double scale) {
+  const int batch = query.size(0), num_heads = query.size(1);
+  const int block_size = key_cache.size(1);
+  const int max_blocks = block_tables.size(1);
+  const int64_t max_tokens = int64_t(max_blocks) * block_size;
+  const int num_partitions = static_cast<int>((max_tokens + kPartitionTokens - 1) / kPartitionTokens);
+  const auto float_options = query.options().dtype(torch::kFloat);
+  torch::Tensor partial_out, partial_max, partial_sum;
+  if (num_partitions > 1) {
+    partial_out = torch::empty({batch, num_heads, num_partitions, HeadDim}, float_options);
+    partial_max = torch::empty({batch, num_heads, num_partitions}, float_options);
+    partial_sum = torch::empty({batch, num_heads, num_partitions}, float_options);
+  }
+  using Tiles = SharedTiles<T, HeadDim>;
+  const size_t shared = sizeof(Tiles);
+  auto kernel = paged_attention_decode_kernel<T, HeadDim>;
+  static const bool shared_memory_set = [&] {  // once per instantiation, outside any graph capture's stream
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+    return true;
+  }();
+  (void)shared_memory_set;
+  const cudaStream_t stream = current_stream();
+  const dim3 grid(num_heads, batch, num_partitions);
+  auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  kernel<<<grid, kThreads, shared, stream>>>(
+      reinterpret_cast<T*>(out.data_ptr()), ptr(partial_out), ptr(partial_max), ptr(partial_sum),
+      reinterpret_cast<const T*>(query.data_ptr()), query.stride(0),
+      reinterpret_cast<const T*>(key_cache.data_ptr()), reinterpret_cast<const T*>(value_cache.data_ptr()),
+      block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size,
+      static_cast<float>(scale));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_partitions > 1) {
+    merge_partitions_kernel<T, HeadDim><<<dim3(num_heads, batch), kThreads, 0, stream>>>(
+        reinterpret_cast<T*>(out.data_ptr()), partial_out.data_ptr<float>(), partial_max.data_ptr<float>(),
+        partial_sum.data_ptr<float>(), num_partitions);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void dispatch_head_dim(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
+                       const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                       const torch::Tensor& seq_lens, double scale) {
+  switch (query.size(2)) {
+    case 32: return launch_decode<T, 32>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 64: return launch_decode<T, 64>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 80: return launch_decode<T, 80>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 96: return launch_decode<T, 96>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 128: return launch_decode<T, 128>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 256: return launch_decode<T, 256>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    default: TORCH_CHECK(false, "paged_attention_decode: head_dim ", query.size(2), " is not supported");
+  }
+}
+
+}  // namespace
+
+torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                                     const torch::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(query.is_cuda() && query.dim() == 3, "paged_attention_decode: query must be a CUDA [B, H, D] tensor");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2),
+              "paged_attention_decode: each query row must be contiguous [H, D]");
+  TORCH_CHECK(query.stride(0) % kVec == 0, "paged_attention_decode: query row stride must be a multiple of 8");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  key_cache.sizes() == value_cache.sizes(),
+              "paged_attention_decode: caches must be contiguous [blocks, block_size, H, D] of one shape");
+  TORCH_CHECK(key_cache.size(2) == query.size(1) && key_cache.size(3) == query.size(2),
+              "paged_attention_decode: caches and query disagree on heads or head_dim");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
+              "paged_attention_decode: caches must have the query's dtype");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous() && block_tables.size(0) == query.size(0),
+              "paged_attention_decode: block_tables must be contiguous int32 [B, max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == query.size(0),
+              "paged_attention_decode: seq_lens must be int32 [B]");
+  TORCH_CHECK(block_tables.device() == query.device() && seq_lens.device() == query.device() &&
+                  key_cache.device() == query.device(),
+              "paged_attention_decode: all tensors must be on the query's device");
+  const c10::cuda::CUDAGuard guard(query.device());
+  auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  if (query.size(0) == 0) return out;
+  switch (query.scalar_type()) {
+    case torch::kHalf:
+      dispatch_head_dim<at::Half>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+      break;
+    case torch::kBFloat16:
+      dispatch_head_dim<at::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+      break;
+    default: TORCH_CHECK(false, "paged_attention_decode: query must be float16 or bfloat16");
+  }
+  return out;
+}
+
+}  // namespace smoothserve
