@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: build the extension, run the GPU tests, run the kernel benchmark.
-#   bash benchmarks/device_check.sh [tests-only|bench-only]
+# One device call: build the extension, then the stages named (default: tests kernels).
+#   bash benchmarks/device_check.sh [tests] [kernels] [latency]
 # Needs the nvidia-cutlass wheel in .whl/ (carried). Logs, results and the built .so go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -18,13 +18,14 @@ fi
 cp engine/_C*.so "$OUT/" 2>/dev/null
 echo "build: $(( $(date +%s) - start )) s"
 
-if [ "${1:-all}" != "bench-only" ]; then
+stages=${*:-tests kernels}
+for stage in $stages; do
     start=$(date +%s)
-    python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
-    echo "gpu tests: $(( $(date +%s) - start )) s"
-fi
-if [ "${1:-all}" != "tests-only" ]; then
-    start=$(date +%s)
-    python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20
-    echo "benchmark: $(( $(date +%s) - start )) s"
-fi
+    case $stage in
+        tests) python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+        kernels) python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -20 ;;
+        latency) python3 -m benchmarks.latency --out "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
+        *) echo "unknown stage $stage"; exit 2 ;;
+    esac
+    echo "$stage: $(( $(date +%s) - start )) s"
+done

@@ -1,7 +1,7 @@
 """Kernel benchmark: our W8A8 GEMM (with its fused epilogue) against cuBLAS FP16 and cuBLASLt INT8,
 and the bandwidth of the quantize kernels, on OPT layer shapes.
 
-    python benchmarks/kernels.py --out benchmarks/results
+    python -m benchmarks.kernels --out benchmarks/results
 
 Writes kernels-<device>.json and kernels-<device>.md (device, date, commit) and prints the table and
 the target checks (pass/fail per row group). Timing: each op is captured GRAPH_CALLS times in a CUDA
@@ -13,16 +13,14 @@ copies to exceed the L2 cache, so every call streams them from HBM.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import copy_bandwidth_gbs, device_slug, provenance
 from engine import ops
 
 MODELS = {"opt-13b": 5120, "opt-30b": 7168, "opt-66b": 9216, "opt-175b": 12288}
@@ -63,21 +61,6 @@ def time_ms(fn: Callable[[int], object], reps: int, copies: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs(reps: int) -> float:
-    """Device-to-device copy, counting bytes read plus written."""
-    src = torch.empty(1024**3, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps):  # 1 GiB per copy: launch overhead is negligible, no graph needed
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() / statistics.median(times) / 1e6
-
-
 def bench_gemm(m: int, n: int, k: int, reps: int) -> dict[str, float | None]:
     weight_bytes = n * k
     copies = max(1, min(8, -(-L2_FLUSH_BYTES // weight_bytes)))
@@ -113,15 +96,6 @@ def bench_quantize(m: int, k: int, reps: int) -> dict[str, float]:
         lambda _: torch.ops.smoothserve.layernorm_quant(x, weight, bias, 1e-5, "per_token", None), reps, 1
     )
     return {"quantize_per_token_gbs": moved / per_token / 1e6, "layernorm_quant_gbs": moved / ln_quant / 1e6}
-
-
-def git_commit() -> str:
-    if os.environ.get("SMOOTHSERVE_COMMIT"):
-        return os.environ["SMOOTHSERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def evaluate_targets(rows: list[dict], quant_rows: list[dict], copy_gbs: float) -> list[dict]:
@@ -186,7 +160,6 @@ def main() -> None:
     args = parser.parse_args()
     assert torch.cuda.is_available() and ops.EXTENSION_LOADED, "needs a GPU and the built extension"
 
-    device = torch.cuda.get_device_name()
     rows = []
     for model in args.models.split(","):
         for layer, (n, k) in layer_shapes(MODELS[model]).items():
@@ -203,11 +176,7 @@ def main() -> None:
                   for m in (1, 64, 1024, 8192)]  # fmt: skip
     copy_gbs = copy_bandwidth_gbs(args.reps)
     report = {
-        "device": device,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **provenance(torch.device("cuda")),
         "reps": args.reps,
         "copy_bandwidth_gbs": copy_gbs,
         "gemm": rows,
@@ -216,7 +185,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = device.lower().replace("nvidia ", "").replace(" ", "-")
+    slug = device_slug(report["device"])
     (out / f"kernels-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
     (out / f"kernels-{slug}.md").write_text(markdown)
