@@ -137,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
         server=ServerConfig(host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
                             served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
-                            metrics_public=args.metrics_public, shutdown_timeout_s=args.shutdown_timeout),
+                            max_queued_tokens=args.max_queued_tokens, metrics_public=args.metrics_public,
+                            shutdown_timeout_s=args.shutdown_timeout),
     )  # fmt: skip
     return serve(config)
 
@@ -208,9 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--no-prefix-caching", action="store_true")
     serve_parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     serve_parser.add_argument("--max-num-seqs", type=int, default=256)
-    serve_parser.add_argument("--max-queued-requests", type=int, default=1024)
+    serve_parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="admitted, unfinished requests before new ones get 429 (default 1024)",
+    )
+    serve_parser.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        help="prompt tokens of admitted, unfinished requests before new ones get 429 (default: no limit)",
+    )
     serve_parser.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
-    serve_parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    serve_parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may run on (default 30)",
+    )
     serve_parser.add_argument("--device", default="auto")
     serve_parser.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
     serve_parser.set_defaults(func=cmd_serve)

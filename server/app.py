@@ -9,8 +9,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,7 @@ from engine.errors import ConfigError
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
-from server.engine_client import EngineClient, EngineDeadError
+from server.engine_client import EngineClient, EngineDeadError, ServerShuttingDownError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (
     CompletionChoice,
@@ -43,6 +44,8 @@ from server.protocol import (
 logger = logging.getLogger("smoothserve.server")
 
 MAX_BODY_BYTES = 8 * 1024**2
+RETRY_AFTER_QUEUE_FULL_S = 1
+RETRY_AFTER_SHUTDOWN_S = 5
 PUBLIC_PATHS = ("/health", "/ready")
 
 
@@ -68,6 +71,32 @@ class ServerState:
     model_name: str
     vocab_size: int
     accepting: bool = True
+
+
+@dataclass
+class CompletionLog:
+    """What the one log line of a completion request says; `finals` holds each prompt's latest output."""
+
+    completion_id: str
+    prompt_tokens: int
+    n: int
+    started: float
+    finals: dict[int, RequestOutput]
+
+    def emit(self, num_prompts: int, cut_short: str = "abort") -> None:
+        """Log the request (never its text, never credentials). Unfinished completions get `cut_short`:
+        abort (the client left), error (the engine failed) or shutdown."""
+        reasons, generated = [], 0
+        for prompt_index in range(num_prompts):
+            final = self.finals.get(prompt_index)
+            for index in range(self.n):
+                output = final.outputs[index] if final is not None else None
+                generated += len(output.token_ids) if output is not None else 0
+                reasons.append(output.finish_reason if output is not None and output.finished else cut_short)
+        logger.info(json.dumps({"id": self.completion_id, "prompt_tokens": self.prompt_tokens,
+                                "completion_tokens": generated,
+                                "latency_s": round(time.monotonic() - self.started, 4),
+                                "finish_reasons": reasons}))  # fmt: skip
 
 
 class GuardMiddleware:
@@ -125,6 +154,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
         return error_response(error.status, error.message, error.kind, error.param, error.headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        # A bug: the traceback goes to the server log (Starlette re-raises), the client gets the envelope only.
+        return error_response(500, "internal server error", "server_error")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
@@ -132,43 +166,91 @@ def create_app(state: ServerState) -> FastAPI:
         message = first.get("msg", "invalid request")
         return error_response(400, f"{location}: {message}" if location else message, param=location or None)
 
-    @app.get("/health")
+    app.openapi = openapi_without_422(app)  # type: ignore[method-assign]
+
+    @app.get("/health", responses=documented_errors(503))
     async def health() -> Response:
         if state.client.is_dead:
             return error_response(503, "the engine has failed", "server_error")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", responses=documented_errors(503))
     async def ready() -> Response:
         if state.client.is_dead or not state.accepting:
             return error_response(503, "not ready", "server_error")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        responses={
+            **documented_errors(401),
+            200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"},
+        },
+    )
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=documented_errors(401))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=state.model_name)])
 
-    @app.post("/tokenize", response_model=TokenizeResponse)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=documented_errors(400, 401, 413))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         ids = state.tokenizer.encode(body.prompt)
         if body.add_special_tokens:
             ids = [state.tokenizer.bos_token_id, *ids]
         return TokenizeResponse(tokens=ids, count=len(ids))
 
-    @app.post("/detokenize", response_model=DetokenizeResponse)
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=documented_errors(400, 401, 413))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         check_token_ids(state, body.tokens, "tokens")
         return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    @app.post("/v1/completions", response_model=CompletionResponse)
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**documented_errors(400, 401, 404, 413, 429, 500, 503), 200: STREAM_RESPONSE})  # fmt: skip
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(state, body, request)
 
     return app
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request (also malformed JSON), in the OpenAI error envelope",
+    401: "Missing or wrong API key (when the server has one)",
+    404: "The model named is not the one served",
+    413: f"Request body over {MAX_BODY_BYTES} bytes",
+    429: "A queue limit (requests or prompt tokens) is reached; retry after Retry-After seconds",
+    500: "The engine failed while serving the request",
+    503: "The server is shutting down (retry after Retry-After seconds) or its engine has failed",
+}
+# With "stream": true, the 200 reply is server-sent events instead of one JSON CompletionResponse.
+STREAM_RESPONSE = {
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "description": "A CompletionResponse; with stream=true, server-sent CompletionResponse chunks (an error "
+    "event in the OpenAI envelope if the request fails midway), then data: [DONE]",
+}
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+def openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 for every body; this server answers invalid input with 400 instead."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        if fresh:
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return schema
+
+    return openapi
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
@@ -194,25 +276,22 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if body.model != state.model_name:
         raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
                        param="model")  # fmt: skip
-    if state.client.is_dead:
-        raise APIError(503, "the engine has failed", "server_error")
-    if not state.accepting:
-        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     prompts = body.prompts()
     for prompt in prompts:
         if isinstance(prompt, list):
             check_token_ids(state, prompt, "prompt")
-    if state.client.num_requests + len(prompts) > state.config.max_queued_requests:
-        state.metrics.rejections.inc()
-        raise APIError(429, "too many requests queued; retry later", "rate_limit_error", headers={"Retry-After": "1"})
+    # Off the event loop: a prompt may be megabytes of text. Nothing below awaits until `generate`, so
+    # admission sees a consistent queue and no request slips in after a drain has begun.
+    prompt_lengths = await asyncio.to_thread(count_prompt_tokens, state.tokenizer, prompts)
+    admit(state, prompt_lengths)
     params = sampling_params(body)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    started = time.monotonic()
-    streams = [state.client.generate(f"{completion_id}-{i}", prompt, params) for i, prompt in enumerate(prompts)]
+    log = CompletionLog(completion_id, sum(prompt_lengths), body.n, time.monotonic(), {})
+    streams = [state.client.generate(f"{completion_id}-{i}", prompt, params, num_prompt_tokens=length)
+               for i, (prompt, length) in enumerate(zip(prompts, prompt_lengths, strict=True))]  # fmt: skip
     if body.stream:
-        return StreamingResponse(stream_completion(state, body, completion_id, streams, started),
-                                 media_type="text/event-stream")  # fmt: skip
-    work = asyncio.ensure_future(collect_all(state, streams, started))
+        return StreamingResponse(stream_completion(state, body, log, streams), media_type="text/event-stream")
+    work = asyncio.ensure_future(collect_all(state, streams, log))
     disconnect = asyncio.ensure_future(wait_for_disconnect(request))
     done, _ = await asyncio.wait({work, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     if work not in done:  # the client left: cancelling the work aborts its engine requests
@@ -220,18 +299,54 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await work
         state.metrics.aborts.inc()
+        log.emit(len(prompts), "abort")
         return Response(status_code=499)
     disconnect.cancel()
-    finals = raise_engine_errors(work)
+    try:
+        finals = raise_engine_errors(work)
+    except APIError as error:
+        log.emit(len(prompts), "shutdown" if error.status == 503 else "error")
+        raise
+    log.emit(len(prompts))
     choices = [choice(state, body, i, j, final) for i, final in enumerate(finals) for j in range(body.n)]
     return JSONResponse(CompletionResponse(id=completion_id, model=state.model_name, choices=choices,
                                            usage=usage(finals)).model_dump())  # fmt: skip
+
+
+def count_prompt_tokens(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[int]:
+    """Prompt lengths as the engine will see them (text gets a BOS token)."""
+    return [len(p) if isinstance(p, list) else 1 + len(tokenizer.encode(p)) for p in prompts]
+
+
+def admit(state: ServerState, prompt_lengths: list[int]) -> None:
+    """Refuse a request the server should not queue now: 503 while draining, 429 over a queue limit."""
+    config, client = state.config, state.client
+    if client.is_dead:
+        raise APIError(503, "the engine has failed", "server_error")
+    if not state.accepting:
+        state.metrics.rejected("shutdown")
+        raise APIError(503, "the server is shutting down; retry on another replica", "server_error",
+                       headers={"Retry-After": str(RETRY_AFTER_SHUTDOWN_S)})  # fmt: skip
+    if client.num_requests + len(prompt_lengths) > config.max_queued_requests:
+        state.metrics.rejected("requests")
+        raise APIError(429, "too many requests queued; retry later", "rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})  # fmt: skip
+    queued = client.num_queued_tokens
+    # An empty queue takes any request (the engine enforces the context length), so that a prompt larger
+    # than the limit cannot be refused forever.
+    if config.max_queued_tokens is not None and queued and queued + sum(prompt_lengths) > config.max_queued_tokens:
+        state.metrics.rejected("tokens")
+        raise APIError(429, f"too many prompt tokens queued ({queued} of {config.max_queued_tokens}); retry later",
+                       "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})  # fmt: skip
 
 
 def raise_engine_errors(work: asyncio.Future) -> list[RequestOutput]:
     error = work.exception()
     if isinstance(error, ValueError):
         raise APIError(400, str(error), param="prompt")
+    if isinstance(error, ServerShuttingDownError):
+        raise APIError(503, "the server shut down before this request finished; retry", "server_error",
+                       headers={"Retry-After": str(RETRY_AFTER_SHUTDOWN_S)})  # fmt: skip
     if isinstance(error, EngineDeadError):
         raise APIError(500, "the engine failed while serving this request", "server_error")
     if error is not None:
@@ -244,16 +359,16 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def collect_all(state: ServerState, streams: list, started: float) -> list[RequestOutput]:
-    async def last(stream) -> RequestOutput:
-        final, first_at = None, None
+async def collect_all(state: ServerState, streams: list, log: CompletionLog) -> list[RequestOutput]:
+    async def last(prompt_index: int, stream) -> RequestOutput:
+        first_at = None
         async for output in stream:
             first_at = first_at or time.monotonic()
-            final = output
-        record_finished(state, final, started, first_at)
-        return final
+            log.finals[prompt_index] = output
+        record_finished(state, log.finals[prompt_index], log.started, first_at)
+        return log.finals[prompt_index]
 
-    return list(await asyncio.gather(*(last(s) for s in streams)))
+    return list(await asyncio.gather(*(last(i, s) for i, s in enumerate(streams))))
 
 
 def record_finished(state: ServerState, final: RequestOutput, started: float, first_at: float | None) -> None:
@@ -270,9 +385,6 @@ def record_finished(state: ServerState, final: RequestOutput, started: float, fi
             metrics.inter_token.observe((now - first_at) / (generated - 1))
     for output in final.outputs:
         metrics.finished(output.finish_reason or "abort")
-    logger.info(json.dumps({"request": final.request_id, "prompt_tokens": len(final.prompt_token_ids),
-                            "completion_tokens": generated, "latency_s": round(now - started, 4),
-                            "finish_reasons": [o.finish_reason for o in final.outputs]}))  # fmt: skip
 
 
 def usage(finals: list[RequestOutput]) -> Usage:
@@ -306,11 +418,13 @@ def choice(state: ServerState, body: CompletionRequest, prompt_index: int, index
     return CompletionChoice(index=prompt_index * body.n + index, text=text, logprobs=logprobs, finish_reason=finish)
 
 
-async def stream_completion(state: ServerState, body: CompletionRequest, completion_id: str, streams: list,
-                            started: float) -> AsyncIterator[str]:  # fmt: skip
-    """SSE: one chunk per completion per step with its new text; then usage (if asked) and [DONE]."""
+async def stream_completion(state: ServerState, body: CompletionRequest, log: CompletionLog,
+                            streams: list) -> AsyncIterator[str]:  # fmt: skip
+    """SSE: one chunk per completion per step with its new text; then usage (if asked) and [DONE]. A failure
+    (the engine's, or a shutdown that cannot wait) sends an error event in the OpenAI envelope, then [DONE]."""
     merged: asyncio.Queue = asyncio.Queue()
     sent = [[0] * body.n for _ in streams]
+    completion_id, cut_short = log.completion_id, "abort"
 
     async def pump(prompt_index: int, stream) -> None:
         first_at = None
@@ -319,7 +433,7 @@ async def stream_completion(state: ServerState, body: CompletionRequest, complet
                 first_at = first_at or time.monotonic()
                 await merged.put((prompt_index, output))
                 if output.finished:
-                    record_finished(state, output, started, first_at)
+                    record_finished(state, output, log.started, first_at)
         except Exception as error:
             await merged.put((prompt_index, error))
         finally:
@@ -329,7 +443,7 @@ async def stream_completion(state: ServerState, body: CompletionRequest, complet
         return f"data: {json.dumps(payload)}\n\n"
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    finals: dict[int, RequestOutput] = {}
+    finals = log.finals
     try:
         remaining = len(streams)
         while remaining:
@@ -338,10 +452,8 @@ async def stream_completion(state: ServerState, body: CompletionRequest, complet
                 remaining -= 1
                 continue
             if isinstance(item, Exception):
-                status = 400 if isinstance(item, ValueError) else 500
-                message = str(item) if status == 400 else "the engine failed while serving this request"
-                yield event(ErrorResponse(error=ErrorBody(message=message, type="server_error" if status == 500
-                            else "invalid_request_error", code=str(status))).model_dump())  # fmt: skip
+                error, cut_short = stream_error(item)
+                yield event(error.model_dump())
                 break
             finals[prompt_index] = item
             choices = []
@@ -363,5 +475,21 @@ async def stream_completion(state: ServerState, body: CompletionRequest, complet
     finally:
         if len(finals) < len(streams) or not all(f.finished for f in finals.values()):
             state.metrics.aborts.inc()
+        log.emit(len(streams), cut_short)
         for task in tasks:
             task.cancel()
+
+
+def stream_error(error: Exception) -> tuple[ErrorResponse, str]:
+    """The SSE error event for a failed stream (internals stay in the server log), and how the request
+    log names the cut."""
+    if isinstance(error, ValueError):
+        body, cut = ErrorBody(message=str(error), type="invalid_request_error", param="prompt", code="400"), "error"
+    elif isinstance(error, ServerShuttingDownError):
+        body = ErrorBody(message="the server shut down before this request finished; retry", type="server_error",
+                         code="503")  # fmt: skip
+        cut = "shutdown"
+    else:
+        body, cut = ErrorBody(message="the engine failed while serving this request", type="server_error",
+                              code="500"), "error"  # fmt: skip
+    return ErrorResponse(error=body), cut

@@ -3,7 +3,7 @@
 Commands (add, abort) go to the engine thread through a thread-safe queue; outputs come back to one
 asyncio queue per request. A request whose consumer goes away (client disconnect, cancellation) is
 aborted, which frees its KV blocks within one engine step. If the engine fails, every waiting request
-gets the error and the client reports itself dead.
+gets the error and the client reports itself dead. On shutdown, `abort_all` ends what is left.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import copy
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerStats
+from engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +31,26 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served any more."""
 
 
+class ServerShuttingDownError(RuntimeError):
+    """The request was ended by a shutdown that could not wait for it any longer; the client may retry."""
+
+
+# Called from the engine thread after each step (or batch of aborts): the scheduler's stats and the queue
+# times (seconds from admission to first being scheduled) of the requests that started in that step.
+StepCallback = Callable[[SchedulerStats, Sequence[float]], None]
+
+
 class EngineClient:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[SchedulerStats], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: StepCallback | None = None) -> None:
         self.engine = engine
         self.on_step = on_step
         self._commands: queue.Queue[tuple] = queue.Queue()
         self._queues: dict[str, asyncio.Queue] = {}
+        # Prompt tokens per admitted request, for admission control; written by both threads, hence the lock.
+        self._prompt_tokens: dict[str, int] = {}
+        self._tokens_lock = threading.Lock()
+        self._queued_tokens = 0
+        self._admitted_at: dict[str, float] = {}  # engine thread only: requests not yet scheduled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,18 +78,37 @@ class EngineClient:
         """Requests admitted and not finished (queued or running)."""
         return len(self._queues)
 
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens of the requests admitted and not finished."""
+        return self._queued_tokens
+
     def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, num_prompt_tokens: int = 0
     ) -> AsyncIterator[RequestOutput]:
-        """Admit a request now (it counts in `num_requests` from this call) and return its outputs as they
-        are produced; the last one is finished. Iterating raises ValueError for a request the engine
-        refuses and EngineDeadError if the engine fails. Closing the iterator early aborts the request."""
+        """Admit a request now (it counts in `num_requests`, and its `num_prompt_tokens` in
+        `num_queued_tokens`, from this call) and return its outputs as they are produced; the last one is
+        finished. Iterating raises ValueError for a request the engine refuses, EngineDeadError if the
+        engine fails and ServerShuttingDownError from `abort_all`. Closing the iterator early aborts it."""
         if self.error is not None:
             raise EngineDeadError("the engine has failed")
         results: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = results
-        self._commands.put(("add", request_id, prompt, params))
+        with self._tokens_lock:
+            self._prompt_tokens[request_id] = num_prompt_tokens
+            self._queued_tokens += num_prompt_tokens
+        self._commands.put(("add", request_id, prompt, params, time.monotonic()))
         return self._outputs(request_id, results)
+
+    def abort_all(self, error: BaseException) -> None:
+        """End every admitted request with `error` (its KV blocks are freed by the engine thread)."""
+        self._commands.put(("abort_all", error))
+
+    def _release(self, request_id: str) -> asyncio.Queue | None:
+        """Stop counting a request as admitted; returns its output queue if it still had one."""
+        with self._tokens_lock:
+            self._queued_tokens -= self._prompt_tokens.pop(request_id, 0)
+        return self._queues.pop(request_id, None)
 
     async def _outputs(self, request_id: str, results: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -88,7 +123,7 @@ class EngineClient:
                 if finished:
                     return
         finally:
-            self._queues.pop(request_id, None)
+            self._release(request_id)
             if not finished:
                 self._commands.put(("abort", request_id))
 
@@ -98,42 +133,68 @@ class EngineClient:
     def _deliver(self, request_id: str, item: object) -> None:
         # A finished (or failed) request stops counting as admitted here, even if nobody reads it.
         last = isinstance(item, BaseException) or getattr(item, "finished", False)
-        target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
+        target = self._release(request_id) if last else self._queues.get(request_id)
         if target is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(target.put_nowait, item)
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt, params = command
+            _, request_id, prompt, params, admitted_at = command
             if request_id not in self._queues:  # its consumer is already gone
                 return
             try:
                 self.engine.add_request(request_id, prompt, params)
+                self._admitted_at[request_id] = admitted_at
             except ValueError as error:
                 self._deliver(request_id, error)
             except Exception as error:
                 logger.exception("request %s could not be added", request_id)
                 self._deliver(request_id, RuntimeError(f"request could not be added: {type(error).__name__}"))
         elif command[0] == "abort":
-            self.engine.abort_request(command[1])
+            self._abort(command[1])
+        elif command[0] == "abort_all":
+            for request_id in list(self._queues):
+                self._abort(request_id)
+                self._deliver(request_id, command[1])
+
+    def _abort(self, request_id: str) -> None:
+        self._admitted_at.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    def _queue_times(self, step_started: float) -> list[float]:
+        """Queue times of the requests that were scheduled for the first time in the step just run."""
+        started = []
+        for request_id, admitted_at in list(self._admitted_at.items()):
+            request = self.engine.requests.get(request_id)
+            # Gone from the engine without an abort: it was scheduled, and finished, in this very step.
+            if request is None or any(seq.status != SequenceStatus.WAITING for seq in request.seqs):
+                started.append(step_started - admitted_at)
+                del self._admitted_at[request_id]
+        return started
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                handled = 0
                 try:  # idle: wait a little for work; busy: take what is there and step
                     idle = not self.engine.has_unfinished_requests()
                     self._handle(self._commands.get(timeout=IDLE_WAIT_S) if idle else self._commands.get_nowait())
+                    handled += 1
                     while True:
                         self._handle(self._commands.get_nowait())
+                        handled += 1
                 except queue.Empty:
                     pass
                 if not self.engine.has_unfinished_requests():
+                    if handled and self.on_step is not None:  # aborts free blocks: the gauges must see it
+                        self.on_step(self.engine.stats(), ())
                     continue
+                step_started = time.monotonic()
                 for output in self.engine.step():
                     # The engine keeps mutating its outputs: hand over a copy.
                     self._deliver(output.request_id, copy.deepcopy(output))
                 if self.on_step is not None:
-                    self.on_step(self.engine.stats())
+                    self.on_step(self.engine.stats(), self._queue_times(step_started))
         except BaseException as error:
             logger.exception("engine failed")
             self.error = error

@@ -3,6 +3,8 @@ conventions (`smoothserve_` prefix, base units, `_total` counters) and carry a `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -12,6 +14,8 @@ __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+REJECTION_REASONS = ("requests", "tokens", "shutdown")
+FINISH_REASONS = ("stop", "length", "abort")
 
 
 class ServerMetrics:
@@ -30,31 +34,43 @@ class ServerMetrics:
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model)
 
         self.running = gauge("smoothserve_requests_running", "Sequences running in the engine")
-        self.waiting = gauge("smoothserve_requests_waiting", "Sequences waiting for admission")
+        self.waiting = gauge("smoothserve_requests_waiting", "Sequences waiting to be scheduled")
         self.kv_usage = gauge("smoothserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use")
         self.prompt_tokens = counter("smoothserve_prompt_tokens", "Prompt tokens of finished requests")
         self.generation_tokens = counter("smoothserve_generation_tokens", "Generated tokens of finished requests")
         self.preemptions = counter("smoothserve_preemptions", "Sequences preempted for KV cache space")
         self.prefix_queries = counter("smoothserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_hits = counter("smoothserve_prefix_cache_hits", "Prompt tokens found in the prefix cache")
-        self.rejections = counter("smoothserve_admission_rejections", "Requests refused because the queue was full")
+        self._rejections = Counter("smoothserve_admission_rejections", "Requests refused at admission, by reason "
+                                   "(requests or tokens: a queue limit; shutdown: draining)", ["model", "reason"],
+                                   registry=self.registry)  # fmt: skip
         self.aborts = counter("smoothserve_aborted_requests", "Requests aborted (client gone or error)")
         self._finished = Counter("smoothserve_requests_finished", "Completions finished, by finish reason",
                                  ["model", "finish_reason"], registry=self.registry)  # fmt: skip
         self.ttft = histogram("smoothserve_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
         self.inter_token = histogram("smoothserve_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
         self.e2e = histogram("smoothserve_e2e_request_latency_seconds", "Request latency", LATENCY_BUCKETS)
-        self.queue_time = histogram("smoothserve_request_queue_time_seconds", "Time before the first step",
-                                    LATENCY_BUCKETS)  # fmt: skip
+        self.queue_time = histogram("smoothserve_request_queue_time_seconds",
+                                    "Time from admission to first being scheduled", LATENCY_BUCKETS)  # fmt: skip
         self.prompt_length = histogram("smoothserve_request_prompt_tokens", "Prompt length", TOKEN_BUCKETS)
         self.generation_length = histogram("smoothserve_request_generation_tokens", "Completion length", TOKEN_BUCKETS)
         self._last = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+        # Every label value from the start, so that dashboards see zeros rather than missing series.
+        for reason in REJECTION_REASONS:
+            self._rejections.labels(model, reason)
+        for reason in FINISH_REASONS:
+            self._finished.labels(model, reason)
 
     def finished(self, finish_reason: str) -> None:
         self._finished.labels(self.model, finish_reason).inc()
 
-    def update_engine(self, stats: SchedulerStats) -> None:
+    def rejected(self, reason: str) -> None:
+        self._rejections.labels(self.model, reason).inc()
+
+    def update_engine(self, stats: SchedulerStats, queue_times: Sequence[float] = ()) -> None:
         """Called by the engine thread after each step (prometheus_client is thread-safe)."""
+        for seconds in queue_times:
+            self.queue_time.observe(seconds)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)

@@ -1,11 +1,13 @@
 """The HTTP server on a tiny model, through a real uvicorn on 127.0.0.1: the OpenAI client, errors in
-the OpenAI envelope, auth, disconnects, admission control and metrics."""
+the OpenAI envelope, auth, disconnects, admission control, the OpenAPI schema, request logs and metrics.
+(`smoothserve serve` as a process, with its shutdown and failure exits: test_server_lifecycle.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,7 +17,9 @@ import pytest
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from server.app import create_app
+from server.fault_injection import STEP_DELAY_ENV, install_faults
 from server.main import build_state
+from server.protocol import CompletionRequest, ErrorBody
 
 API_KEY = "test-key-123"
 
@@ -27,13 +31,13 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, model_dir, **server_kwargs) -> None:
+    def __init__(self, model_dir, num_cpu_blocks: int = 64, **server_kwargs) -> None:
         import uvicorn
 
         self.port = free_port()
         config = EngineConfig(
             model=ModelConfig(model=str(model_dir), device="cpu", dtype="float32", max_model_len=256),
-            cache=CacheConfig(num_cpu_blocks=64),
+            cache=CacheConfig(num_cpu_blocks=num_cpu_blocks),
             server=ServerConfig(port=self.port, api_key=API_KEY, served_model_name="tiny", **server_kwargs),
         )
         self.state = build_state(config)
@@ -203,28 +207,185 @@ def test_a_burst_beyond_the_queue_limit_gets_429_with_retry_after(server) -> Non
     server.assert_idle()
 
 
-def test_metrics_after_traffic(server) -> None:
-    assert post(server, {"model": "tiny", "prompt": "MENENIUS:\n", "max_tokens": 4}).status_code == 200
-    text = httpx.get(f"{server.url}/metrics", headers=headers()).text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+def scrape(server: RunningServer) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}."""
+    text = httpx.get(f"{server.url}/metrics", headers=headers(), timeout=30).text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                   if line and not line.startswith("#"))}  # fmt: skip
 
-    def value(prefix: str) -> float:
-        return sum(v for k, v in samples.items() if k.startswith(prefix))
 
-    assert value('smoothserve_prompt_tokens_total{model="tiny"}') > 0
-    assert value('smoothserve_generation_tokens_total{model="tiny"}') >= 4
-    assert value('smoothserve_requests_finished_total{finish_reason="length"') >= 1
-    assert value('smoothserve_time_to_first_token_seconds_count{model="tiny"}') >= 1
-    assert value('smoothserve_e2e_request_latency_seconds_count{model="tiny"}') >= 1
-    assert value('smoothserve_request_prompt_tokens_sum{model="tiny"}') > 0
-    assert value('smoothserve_prefix_cache_queries_total{model="tiny"}') > 0
-    assert value('smoothserve_kv_cache_usage_ratio{model="tiny"}') >= 0.0
-    assert 'smoothserve_requests_running{model="tiny"}' in samples
-    assert 'smoothserve_admission_rejections_total{model="tiny"}' in samples
+def test_metrics_after_traffic_count_what_was_served(trained_outlier_model_dir) -> None:
+    # 8 blocks of 16 tokens: six concurrent 60-token sequences cannot all fit, so some are preempted.
+    running = RunningServer(trained_outlier_model_dir, num_cpu_blocks=8)
+    try:
+        model = '{model="tiny"}'
+        before = scrape(running)
+
+        async def traffic() -> list[dict]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                body = {"model": "tiny", "max_tokens": 40, "ignore_eos": True}
+                prompts = [[7 + i] * 20 for i in range(6)]
+                return [r.json() for r in await asyncio.gather(*(client.post(
+                    f"{running.url}/v1/completions", json={**body, "prompt": p}, headers=headers())
+                    for p in prompts))]  # fmt: skip
+
+        replies = asyncio.run(traffic())
+        shared = {"model": "tiny", "prompt": "MENENIUS: " * 12, "max_tokens": 4, "ignore_eos": True}
+        replies += [post(running, shared).json(), post(running, shared).json()]  # the second one hits the cache
+        running.assert_idle()
+        after = scrape(running)
+
+        def delta(name: str) -> float:
+            return after[name] - before.get(name, 0.0)
+
+        prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in replies)
+        completion_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+        assert completion_tokens == 6 * 40 + 2 * 4
+        assert delta(f"smoothserve_prompt_tokens_total{model}") == prompt_tokens
+        assert delta(f"smoothserve_generation_tokens_total{model}") == completion_tokens
+        assert delta('smoothserve_requests_finished_total{finish_reason="length",model="tiny"}') == 8
+        assert delta(f"smoothserve_preemptions_total{model}") > 0
+        assert delta(f"smoothserve_prefix_cache_queries_total{model}") >= prompt_tokens
+        assert delta(f"smoothserve_prefix_cache_hits_total{model}") >= 16  # a block of the repeated prompt
+        for histogram in (
+            "time_to_first_token_seconds",
+            "inter_token_latency_seconds",
+            "e2e_request_latency_seconds",
+            "request_queue_time_seconds",
+            "request_prompt_tokens",
+            "request_generation_tokens",
+        ):
+            assert delta(f"smoothserve_{histogram}_count{model}") == 8, histogram
+            assert after[f'smoothserve_{histogram}_bucket{{le="+Inf",model="tiny"}}'] == after[
+                f"smoothserve_{histogram}_count{model}"]  # fmt: skip
+        assert delta(f"smoothserve_request_prompt_tokens_sum{model}") == prompt_tokens
+        assert delta(f"smoothserve_request_generation_tokens_sum{model}") == completion_tokens
+        ttft, e2e = delta(f"smoothserve_time_to_first_token_seconds_sum{model}"), delta(
+            f"smoothserve_e2e_request_latency_seconds_sum{model}")  # fmt: skip
+        assert 0 < ttft < e2e < 8 * 120
+        assert 0 < delta(f"smoothserve_inter_token_latency_seconds_sum{model}") < e2e
+        assert 0 <= delta(f"smoothserve_request_queue_time_seconds_sum{model}") < ttft
+        # Idle again: the gauges say so.
+        for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
+            assert after[f"smoothserve_{gauge}{model}"] == 0.0, gauge
+        for reason in ("requests", "tokens", "shutdown"):
+            assert after[f'smoothserve_admission_rejections_total{{model="tiny",reason="{reason}"}}'] == 0
+        assert after[f"smoothserve_aborted_requests_total{model}"] == 0
+        assert all(name.startswith("smoothserve_") and 'model="tiny"' in name for name in after)
+    finally:
+        running.stop()
+
+
+def test_every_finished_request_logs_one_line_without_the_api_key(server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="smoothserve.server")
+
+    def request_lines() -> list[dict]:
+        return [json.loads(r.getMessage()) for r in caplog.records
+                if r.name == "smoothserve.server" and r.getMessage().startswith("{")]  # fmt: skip
+
+    assert httpx.post(f"{server.url}/v1/completions", headers=headers("wrong-" + API_KEY),
+                      json={"model": "tiny", "prompt": "x"}).status_code == 401  # fmt: skip
+    assert post(server, {"model": "tiny", "prompt": ""}).status_code == 400
+    assert request_lines() == []  # refused requests were never admitted
+    plain = post(server, {"model": "tiny", "prompt": ["To be", "or not"], "n": 2, "max_tokens": 3,
+                          "ignore_eos": True}).json()  # fmt: skip
+    streamed = {"model": "tiny", "prompt": "KING:", "max_tokens": 4, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=headers(), json=streamed,
+                      timeout=60) as response:  # fmt: skip
+        lines = response.iter_lines()
+        streamed_id = json.loads(next(lines).removeprefix("data: "))["id"]
+        list(lines)
+    deadline = time.time() + 5  # a stream logs just after its [DONE]
+    while streamed_id not in {line["id"] for line in request_lines()} and time.time() < deadline:
+        time.sleep(0.05)
+    by_id = {line["id"]: line for line in request_lines()}
+    assert [line["id"] for line in request_lines()].count(plain["id"]) == 1
+    assert [line["id"] for line in request_lines()].count(streamed_id) == 1
+    assert by_id[plain["id"]]["completion_tokens"] == plain["usage"]["completion_tokens"] == 12
+    assert by_id[plain["id"]]["finish_reasons"] == [c["finish_reason"] for c in plain["choices"]]
+    assert by_id[plain["id"]]["prompt_tokens"] * 2 == plain["usage"]["prompt_tokens"]  # usage counts them n = 2 times
+    assert by_id[streamed_id]["completion_tokens"] == 4 and by_id[streamed_id]["finish_reasons"] == ["length"]
+    for line in (by_id[plain["id"]], by_id[streamed_id]):
+        assert set(line) == {"id", "prompt_tokens", "completion_tokens", "latency_s", "finish_reasons"}
+        assert line["prompt_tokens"] > 0 and 0 < line["latency_s"] < 60
+    assert API_KEY not in caplog.text
+
+
+def test_admission_is_refused_over_max_queued_tokens(trained_outlier_model_dir) -> None:
+    running = RunningServer(trained_outlier_model_dir, max_queued_tokens=40)
+    install_faults(running.state.client.engine, {STEP_DELAY_ENV: "0.02"})  # the long request stays queued
+    try:
+        long_request = {"model": "tiny", "prompt": [5] * 30, "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=long_request, headers=headers(),
+                          timeout=60) as stream:  # fmt: skip
+            lines = stream.iter_lines()
+            next(lines)  # 30 prompt tokens queued for the next ~2 s
+            refused = post(running, {"model": "tiny", "prompt": [5] * 11, "max_tokens": 1})
+            assert_error(refused, 429, "prompt tokens")
+            assert refused.headers["retry-after"] == "1"
+            assert post(running, {"model": "tiny", "prompt": [5] * 10, "max_tokens": 1}).status_code == 200
+            list(lines)
+        assert post(running, {"model": "tiny", "prompt": [5] * 11, "max_tokens": 1}).status_code == 200
+        running.assert_idle()
+        assert scrape(running)['smoothserve_admission_rejections_total{model="tiny",reason="tokens"}'] == 1
+    finally:
+        running.stop()
+
+
+def test_a_thousand_disconnects_leave_the_server_idle_and_serving(trained_outlier_model_dir) -> None:
+    running = RunningServer(trained_outlier_model_dir, max_queued_requests=1024)
+    body = {"model": "tiny", "prompt": "KING RICHARD:\n", "max_tokens": 64, "ignore_eos": True}
+
+    async def drop(client: httpx.AsyncClient, index: int, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            if index % 2:  # streaming: read the first chunk, then close the connection
+                async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                    async for _ in response.aiter_lines():
+                        break
+            else:  # non-streaming: give up before the reply (after 10 to 100 ms), mid-queue or mid-generation
+                with contextlib.suppress(httpx.TimeoutException):
+                    await client.post("/v1/completions", json=body, timeout=0.01 * (1 + index % 10))
+
+    async def thousand() -> None:
+        slots = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=running.url, headers=headers(), timeout=60) as client:
+            await asyncio.gather(*(drop(client, i, slots) for i in range(1000)))
+
+    try:
+        asyncio.run(thousand())
+        running.assert_idle()
+        after = scrape(running)
+        assert after['smoothserve_aborted_requests_total{model="tiny"}'] >= 900
+        for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
+            assert after[f'smoothserve_{gauge}{{model="tiny"}}'] == 0.0, gauge
+        assert running.state.client.num_requests == running.state.client.num_queued_tokens == 0
+        served = post(running, {"model": "tiny", "prompt": "still serving", "max_tokens": 3})
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 3
+    finally:
+        running.stop()
+
+
+def test_the_openapi_schema_documents_the_completions_api(server) -> None:
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401  # guarded like every route but probes
+    assert httpx.get(f"{server.url}/docs").status_code == 401
+    assert httpx.get(f"{server.url}/docs", headers=headers()).status_code == 200
+    schema = httpx.get(f"{server.url}/openapi.json", headers=headers()).json()
+    operation = schema["paths"]["/v1/completions"]["post"]
+    components = schema["components"]["schemas"]
+    request_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = components[request_ref.rsplit("/", 1)[1]]
+    assert set(request["properties"]) == set(CompletionRequest.model_fields)
+    assert set(request["required"]) == {"model", "prompt"} and request["additionalProperties"] is False
+    assert request["properties"]["n"]["maximum"] == 16 and request["properties"]["max_tokens"]["minimum"] == 1
+    responses = operation["responses"]
+    assert set(responses) == {"200", "400", "401", "404", "413", "429", "500", "503"}
+    assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    for status in ("400", "401", "404", "413", "429", "500", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert set(components["ErrorBody"]["properties"]) == set(ErrorBody.model_fields)
+    assert "422" not in json.dumps(schema["paths"])  # invalid input is a 400 here, not FastAPI's 422
+    assert {"/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/ready", "/metrics"} <= set(
+        schema["paths"])  # fmt: skip
 
 
 def test_an_engine_failure_gives_500_and_unhealthy(trained_outlier_model_dir) -> None:
