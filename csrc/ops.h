@@ -13,6 +13,12 @@ torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& w, const to
                         const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias, bool relu,
                         at::ScalarType out_dtype);
 
+// The same GEMM requantized to int8 in its epilogue (static O3 activations: fc1 -> fc2 without an fp16
+// round trip): out = clamp(rint(y / out_scale), -128, 127), out_scale a float32 [1].
+torch::Tensor w8a8_gemm_int8_out(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& a_scale,
+                                 const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias, bool relu,
+                                 const torch::Tensor& out_scale);
+
 std::tuple<torch::Tensor, torch::Tensor> quantize_per_token(const torch::Tensor& x);
 std::tuple<torch::Tensor, torch::Tensor> quantize_per_tensor(const torch::Tensor& x);
 torch::Tensor quantize_static(const torch::Tensor& x, const torch::Tensor& scale);

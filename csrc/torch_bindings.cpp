@@ -8,6 +8,10 @@ TORCH_LIBRARY(smoothserve, m) {
   m.def(
       "w8a8_gemm(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, bool relu, "
       "ScalarType out_dtype) -> Tensor");
+  // The same y requantized: clamp(rint(y / out_scale), -128, 127) as int8 [M, N]; bias fp16/bf16, out_scale [1].
+  m.def(
+      "w8a8_gemm_int8_out(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, bool relu, "
+      "Tensor out_scale) -> Tensor");
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_per_tensor(Tensor x) -> (Tensor, Tensor)");
   m.def("quantize_static(Tensor x, Tensor scale) -> Tensor");
@@ -30,6 +34,7 @@ TORCH_LIBRARY(smoothserve, m) {
 
 TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
   m.impl("w8a8_gemm", &smoothserve::w8a8_gemm);
+  m.impl("w8a8_gemm_int8_out", &smoothserve::w8a8_gemm_int8_out);
   m.impl("quantize_per_token", &smoothserve::quantize_per_token);
   m.impl("quantize_per_tensor", &smoothserve::quantize_per_tensor);
   m.impl("quantize_static", &smoothserve::quantize_static);

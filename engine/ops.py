@@ -295,6 +295,87 @@ def w8a8_gemm(
     return w8a8_gemm_reference(a, w, a_scale, w_scale, bias, relu, out_dtype)
 
 
+def fma_float32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c of float32 tensors (broadcast), rounded once to float32, as CUDA's __fmaf_rn.
+
+    a * b is exact in float64 (24 + 24 significant bits <= 53). Its sum with c is computed in float64
+    with rounding to odd (the nearest float64, moved one ulp toward the exact sum when that was inexact
+    and the last bit is even; TwoSum gives the exact rounding error), and a value rounded to odd with at
+    least two more bits than float32 rounds to float32 exactly as the exact sum would. So the result is
+    the correctly rounded fma, free of the double rounding of a plain float64 computation.
+    """
+    product = a.double() * b.double()
+    addend = c.double()
+    total = product + addend
+    product_part = total - addend  # TwoSum: total + error == product + addend, exactly
+    addend_part = total - product_part
+    error = (product - product_part) + (addend - addend_part)
+    even_and_inexact = (error != 0) & ((total.view(torch.int64) & 1) == 0)
+    toward_exact = torch.full_like(total, float("inf")).copysign_(error)
+    return torch.where(even_and_inexact, torch.nextafter(total, toward_exact), total).float()
+
+
+def w8a8_gemm_int8_out_reference(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The int8-output GEMM bit for bit: float32 operations in the kernels' order (csrc/gemm/w8a8_epilogue.cuh).
+
+        t = w_scale[n] * float32(acc)              (int32 -> float32 rounds to nearest even)
+        y = fma(a_scale[m], t, bias[n] or 0)       (one rounding)
+        y = max(y, 0) if relu
+        q = clamp(round_half_even(y / out_scale), -128, 127)   (correctly rounded float32 division)
+
+    (w8a8_gemm_reference rounds differently, (acc * a_scale) * w_scale + bias in three steps: its fp16 /
+    bf16 outputs are compared with a tolerance, an int8 output must match exactly.)
+    """
+    acc = int8_matmul_exact(a, w).float()
+    scaled_acc = w_scale.float().reshape(1, -1) * acc
+    addend = bias.float().reshape(1, -1) if bias is not None else torch.zeros((1, 1), device=acc.device)
+    y = fma_float32(a_scale.float().reshape(-1, 1), scaled_acc, addend)
+    if relu:
+        y = y.clamp_(min=0.0)
+    return _round_to_int8(y / out_scale.float().reshape(1, 1))
+
+
+def w8a8_gemm_int8_out(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    out_scale: torch.Tensor,
+) -> torch.Tensor:
+    """int8 [M, N] = clamp(round_half_even(y / out_scale), -128, 127), y = w8a8_gemm's value in float32.
+
+    For static (O3) activation scales: fc1's output is requantized for fc2 in the GEMM's epilogue instead
+    of being written in fp16 and quantized again. Operands as w8a8_gemm; bias float16 / bfloat16 [N]
+    (added in float32), out_scale float32 [1] (the next layer's static activation scale).
+    """
+    name = "w8a8_gemm_int8_out"
+    _check(a.dtype == torch.int8 and w.dtype == torch.int8, f"{name} needs int8 operands, got {a.dtype}, {w.dtype}")
+    _check(a.dim() == 2 and w.dim() == 2, f"{name} operands must be 2-D")
+    m, k = a.shape
+    n = w.shape[0]
+    _check(w.shape[1] == k, f"{name} K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
+    _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
+    _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
+    _check(bias is None or (bias.numel() == n and bias.dtype in (torch.float16, torch.bfloat16)),
+           f"{name}: bias must be float16 or bfloat16 with {n} elements")  # fmt: skip
+    _check(out_scale.dtype == torch.float32 and out_scale.numel() == 1, f"{name}: out_scale must be float32 [1]")
+    _check(k % 16 == 0 and n % 16 == 0, f"{name} needs K and N to be multiples of 16, got K={k}, N={n}")
+    op = _cuda_op_or_none(name, a)
+    if op is not None:
+        return op(a, w, a_scale.contiguous(), w_scale.contiguous(), bias, relu, out_scale.reshape(1))
+    return w8a8_gemm_int8_out_reference(a, w, a_scale, w_scale, bias, relu, out_scale)
+
+
 # --------------------------------------------------------------------------------------------------
 # Paged KV cache: caches are [num_blocks, block_size, num_heads, head_dim]; slot = block * block_size + offset
 
@@ -445,6 +526,19 @@ if EXTENSION_LOADED:
     @torch.library.register_fake("smoothserve::w8a8_gemm")
     def _w8a8_gemm_fake(a, w, a_scale, w_scale, bias, relu, out_dtype):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+    def _has_op(name: str) -> bool:
+        try:
+            getattr(torch.ops.smoothserve, name)
+        except (AttributeError, RuntimeError):
+            return False
+        return True
+
+    if _has_op("w8a8_gemm_int8_out"):  # absent from extensions built before the op
+
+        @torch.library.register_fake("smoothserve::w8a8_gemm_int8_out")
+        def _w8a8_gemm_int8_out_fake(a, w, a_scale, w_scale, bias, relu, out_scale):
+            return a.new_empty((a.shape[0], w.shape[0]), dtype=torch.int8)
 
     @torch.library.register_fake("smoothserve::quantize_per_token")
     def _quantize_per_token_fake(x):

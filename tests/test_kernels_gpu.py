@@ -108,6 +108,157 @@ def test_w8a8_gemm_runs_on_the_current_stream() -> None:
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-3
 
 
+# --------------------------------------------------------------------------------------------------
+# The sm80 kernels (CUTLASS 2.x, mma.sync), forced with SMOOTHSERVE_GEMM_ARCH=sm80 so that they are
+# tested on Hopper too; the variable is read on every call.
+
+SM80_M_SWEEP = [1, 7, 16, 32, 33, 64, 100, 128, 129, 257, 512, 2048, 8192]  # around the 32 / 128 buckets
+
+
+@pytest.fixture
+def sm80_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "sm80")
+
+
+def _cuda_kernel_names(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.key for event in prof.key_averages()]
+
+
+def test_gemm_arch_variable_selects_the_kernel_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, w, a_scale, w_scale, bias = _gemm_case(64, 1024, 512, 3, True, True, True, torch.float16)
+
+    def run() -> None:
+        ops.w8a8_gemm(a, w, a_scale, w_scale, bias, out_dtype=torch.float16)
+
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "sm80")
+    # CUTLASS 2.x kernels are named after their kernel template: DefaultGemmWithVisitor, only ours.
+    assert any("DefaultGemmWithVisitor" in name for name in _cuda_kernel_names(run))
+    if torch.cuda.get_device_capability()[0] == 9:
+        monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "auto")
+        assert not any("DefaultGemmWithVisitor" in name for name in _cuda_kernel_names(run))
+    else:
+        monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "sm90")
+        with pytest.raises(RuntimeError, match="needs a Hopper GPU"):
+            run()
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "sm100")
+    with pytest.raises(RuntimeError, match="must be auto, sm80 or sm90"):
+        run()
+
+
+@pytest.mark.parametrize("m", SM80_M_SWEEP)
+@pytest.mark.parametrize("hidden", [768, 5120, 7168])
+def test_sm80_w8a8_gemm_over_opt_shapes(sm80_kernels, m: int, hidden: int) -> None:
+    for index, (n, k) in enumerate(_layer_shapes(hidden)):
+        if m * max(n, k) * 8 > 6e9:  # the float64 reference would need too much memory
+            continue
+        seed = m * 137 + hidden + index
+        dtype = torch.float16 if index % 2 == 0 else torch.bfloat16
+        _check_gemm(m, n, k, seed, per_token=index % 2 == 0, per_channel=index < 2,
+                    with_bias=index != 3, relu=index == 2, dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("m", [1, 32, 33, 128, 129, 1024])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sm80_w8a8_gemm_epilogue_options(sm80_kernels, m, per_token, per_channel, with_bias, relu, dtype) -> None:
+    _check_gemm(m, 1024, 512, seed=m + 7, per_token=per_token, per_channel=per_channel, with_bias=with_bias,
+                relu=relu, dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["auto", "sm80"])
+def test_w8a8_gemm_takes_unaligned_vector_views(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Scale and bias views 4 bytes off a 16-byte boundary (the kernels read them 16 bytes at a time)."""
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", arch)
+    a, w, a_scale, w_scale, bias = _gemm_case(40, 512, 256, 9, True, True, True, torch.float16)
+    a_scale_view = torch.cat([a_scale.new_zeros(1), a_scale])[1:]
+    w_scale_view = torch.cat([w_scale.new_zeros(1), w_scale])[1:]
+    bias_view = torch.cat([bias.new_zeros(2), bias])[2:]
+    assert w_scale_view.data_ptr() % 16 != 0 and bias_view.data_ptr() % 16 != 0
+    out = ops.w8a8_gemm(a, w, a_scale_view, w_scale_view, bias_view, out_dtype=torch.float16)
+    expected = _exact_reference(a, w, a_scale, w_scale, bias, relu=False)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# The int8-output GEMM: bit-exact against its reference, which repeats the kernels' float32 operations
+# in their order (fma and division each rounded once); see ops.w8a8_gemm_int8_out_reference.
+
+INT8_OUT_M_SWEEP = [1, 7, 16, 33, 64, 65, 100, 128, 129, 257, 512, 2048]
+
+
+def _int8_out_case(m, n, k, seed, per_token, per_channel, bias_dtype, relu):
+    a, w, a_scale, w_scale, bias = _gemm_case(m, n, k, seed, per_token, per_channel, bias_dtype is not None,
+                                              bias_dtype or torch.float16)  # fmt: skip
+    # A static scale that saturates the largest outputs and leaves most of them in range.
+    y = _exact_reference(a, w, a_scale, w_scale, bias, relu)
+    out_scale = (y.abs().amax() / 127 * 0.5).float().reshape(1)
+    return a, w, a_scale, w_scale, bias, out_scale
+
+
+def _assert_int8_out_exact(a, w, a_scale, w_scale, bias, relu, out_scale) -> None:
+    q = ops.w8a8_gemm_int8_out(a, w, a_scale, w_scale, bias, relu, out_scale)
+    assert q.dtype == torch.int8 and q.shape == (a.shape[0], w.shape[0])
+    expected = ops.w8a8_gemm_int8_out_reference(a, w, a_scale, w_scale, bias, relu, out_scale)
+    differs = q != expected
+    if differs.any():
+        # Diagnose before failing: how far from a rounding tie were the differing codes?
+        y = _exact_reference(a, w, a_scale, w_scale, bias, relu) / out_scale.double()
+        tie_distance = ((y - y.floor()) - 0.5).abs()[differs]
+        pytest.fail(
+            f"{int(differs.sum())} of {q.numel()} codes differ (max |diff| "
+            f"{(q.int() - expected.int()).abs().max().item()}); distance of y / out_scale from a .5 tie: "
+            f"max {tie_distance.max().item():.3g}, median {tie_distance.median().item():.3g}"
+        )
+    assert (expected == 127).any() or (expected == -128).any(), "the case must exercise saturation"
+
+
+@pytest.mark.parametrize("arch", ["auto", "sm80"])
+@pytest.mark.parametrize("m", INT8_OUT_M_SWEEP)
+@pytest.mark.parametrize("hidden", [768, 5120, 7168])
+def test_w8a8_gemm_int8_out_over_opt_shapes(monkeypatch: pytest.MonkeyPatch, arch: str, m: int, hidden: int) -> None:
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", arch)
+    for index, (n, k) in enumerate(_layer_shapes(hidden)):
+        if m * max(n, k) * 8 > 6e9:
+            continue
+        bias_dtype = [torch.float16, torch.bfloat16, None][index % 3]
+        case = _int8_out_case(m, n, k, m * 13 + hidden + index, index % 2 == 0, index < 2, bias_dtype, index == 2)
+        _assert_int8_out_exact(*case[:5], index == 2, case[5])
+
+
+@pytest.mark.parametrize("arch", ["auto", "sm80"])
+@pytest.mark.parametrize("m", [1, 64, 65, 300])
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.bfloat16, None])
+@pytest.mark.parametrize("relu", [True, False])
+def test_w8a8_gemm_int8_out_epilogue_options(monkeypatch, arch, m, per_token, per_channel, bias_dtype, relu) -> None:
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", arch)
+    case = _int8_out_case(m, 1024, 512, m + 3, per_token, per_channel, bias_dtype, relu)
+    _assert_int8_out_exact(*case[:5], relu, case[5])
+
+
+@pytest.mark.parametrize("arch", ["auto", "sm80"])
+def test_w8a8_gemm_int8_out_rounds_exact_ties_half_to_even(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    # Unit scales and out_scale 2: y = acc exactly, and every odd acc is an exact tie acc / 2.
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", arch)
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    a = torch.randint(-2, 3, (100, 64), dtype=torch.int8, device=CUDA, generator=g)
+    w = torch.randint(-2, 3, (256, 64), dtype=torch.int8, device=CUDA, generator=g)
+    one, two = torch.ones(1, device=CUDA), torch.full((1,), 2.0, device=CUDA)
+    q = ops.w8a8_gemm_int8_out(a, w, one, one, None, False, two)
+    acc = ops.int8_matmul_float64(a, w)
+    assert (acc % 2 != 0).sum() > 1000, "the case must contain ties"
+    assert torch.equal(q.long(), torch.round(acc.double() / 2).long().clamp(-128, 127))
+
+
 ACTIVATION_SHAPES = [(1, 768), (7, 2048), (33, 5120), (257, 7168), (1024, 12288), (8192, 5120), (3, 49152)]
 
 

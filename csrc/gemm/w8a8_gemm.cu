@@ -1,78 +1,213 @@
-// w8a8_gemm: checks, allocation and the choice of kernel by device and M.
+// w8a8_gemm and w8a8_gemm_int8_out: checks, allocation, and the choice of kernel by device and M.
+//
+// Kernel family by compute capability: 9.x runs the CUTLASS 3 Hopper kernels (sm90a: TMA, wgmma);
+// every other GPU of capability >= 8.0 runs the CUTLASS 2.x kernels (int8 mma.sync). The environment
+// variable SMOOTHSERVE_GEMM_ARCH overrides that choice: "sm80" runs the CUTLASS 2.x kernels on any such
+// GPU, Hopper included (how they are tested on an H100), "sm90" insists on the Hopper kernels, and
+// "auto" (or unset) chooses by device.
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "../cuda_utils.h"
 #include "../ops.h"
+#include "w8a8_gemm_problem.h"
+#include "w8a8_gemm_sm80.h"
 #include "w8a8_gemm_sm90.h"
 
 namespace smoothserve {
 namespace {
 
-template <typename ElementOut>
-void run_sm90(const sm90::GemmProblem& p, const torch::Tensor& like) {
+enum class KernelFamily { kSm80, kSm90 };
+
+// SMOOTHSERVE_GEMM_ARCH is read on every call (one getenv, a fraction of a microsecond next to a GEMM
+// launch) so that a test can switch it within one process. A CUDA graph keeps the kernels chosen when
+// it was captured.
+KernelFamily kernel_family(const char* op) {
+  const int major = compute_capability_major();
+  const int minor = compute_capability_minor();
+  TORCH_CHECK(major >= 8, op, ": needs a GPU of compute capability 8.0 or newer (int8 tensor cores); device is sm_",
+              major, minor);
+  const char* env = std::getenv("SMOOTHSERVE_GEMM_ARCH");
+  const std::string forced = env == nullptr ? "" : env;
+  if (forced == "sm80") return KernelFamily::kSm80;
+  if (forced == "sm90") {
+    TORCH_CHECK(major == 9, op, ": SMOOTHSERVE_GEMM_ARCH=sm90 needs a Hopper GPU (sm_90a); device is sm_", major,
+                minor);
+    return KernelFamily::kSm90;
+  }
+  TORCH_CHECK(forced.empty() || forced == "auto", op, ": SMOOTHSERVE_GEMM_ARCH must be auto, sm80 or sm90, got '",
+              forced, "'");
+  // Newer GPUs than Hopper also take the mma.sync kernels; they run only where the build holds code for
+  // them (TORCH_CUDA_ARCH_LIST), otherwise CUTLASS reports the failed launch.
+  return major == 9 ? KernelFamily::kSm90 : KernelFamily::kSm80;
+}
+
+// One kernel configuration, with its workspace (stream-K partials and flags) from torch's caching
+// allocator, so that the call can be captured in a CUDA graph.
+template <typename WorkspaceSize, typename Run>
+void run_kernel(const char* op, const GemmProblem& p, const torch::Tensor& like, WorkspaceSize workspace_size,
+                Run run) {
+  const size_t bytes = workspace_size(p);
+  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, like.options().dtype(torch::kUInt8));
+  const cutlass::Status status = run(p, workspace.data_ptr(), current_stream());
+  TORCH_CHECK(status == cutlass::Status::kSuccess, op, ": CUTLASS failed: ", cutlassGetStatusString(status),
+              " (M=", p.m, ", N=", p.n, ", K=", p.k, ")");
+}
+
+template <typename ElementOut, typename ElementBias>
+void run_sm90(const char* op, const GemmProblem& p, const torch::Tensor& like) {
   using sm90::GemmConfig;
-  // Buckets: decode-sized M is memory bound (swap A/B so the weights fill the wide MMA tile side).
-  const GemmConfig config = p.m <= 16   ? GemmConfig::kSwapM16
-                            : p.m <= 64  ? GemmConfig::kSwapM64
-                            : p.m <= 256 ? GemmConfig::kM256
-                                         : GemmConfig::kLarge;
+  constexpr bool kInt8Out = std::is_same_v<ElementOut, int8_t>;
   auto launch = [&](auto config_tag) {
     constexpr GemmConfig C = decltype(config_tag)::value;
-    const size_t bytes = sm90::workspace_size<C, ElementOut>(p);
-    auto workspace = torch::empty({static_cast<int64_t>(bytes)}, like.options().dtype(torch::kUInt8));
-    const cutlass::Status status =
-        sm90::run<C, ElementOut>(p, workspace.data_ptr(), current_stream());
-    TORCH_CHECK(status == cutlass::Status::kSuccess, "w8a8_gemm: CUTLASS failed: ", cutlassGetStatusString(status),
-                " (M=", p.m, ", N=", p.n, ", K=", p.k, ")");
+    run_kernel(op, p, like, &sm90::workspace_size<C, ElementOut, ElementBias>, &sm90::run<C, ElementOut, ElementBias>);
   };
-  switch (config) {
-    case GemmConfig::kSwapM16: launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM16>{}); break;
-    case GemmConfig::kSwapM64: launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM64>{}); break;
-    case GemmConfig::kM256: launch(std::integral_constant<GemmConfig, GemmConfig::kM256>{}); break;
+  using SwapM16 = std::integral_constant<GemmConfig, GemmConfig::kSwapM16>;
+  using SwapM64 = std::integral_constant<GemmConfig, GemmConfig::kSwapM64>;
+  using M256 = std::integral_constant<GemmConfig, GemmConfig::kM256>;
+  using Large = std::integral_constant<GemmConfig, GemmConfig::kLarge>;
+  if constexpr (kInt8Out) {
+    // Only two int8-output configurations are built (each sm90 instantiation costs about a minute of
+    // compile time): the swapped one for decode-sized M, the large one for the rest.
+    if (p.m <= 64) {
+      launch(SwapM64{});
+    } else {
+      launch(Large{});
+    }
+  } else {
+    // Decode-sized M is memory bound: swap A/B so the weights fill the wide MMA tile side.
+    if (p.m <= 16) {
+      launch(SwapM16{});
+    } else if (p.m <= 64) {
+      launch(SwapM64{});
+    } else if (p.m <= 256) {
+      launch(M256{});
+    } else {
+      launch(Large{});
+    }
+  }
+}
+
+template <typename ElementOut, typename ElementBias>
+void run_sm80(const char* op, const GemmProblem& p, const torch::Tensor& like) {
+  using sm80::GemmConfig;
+  auto launch = [&](auto config_tag) {
+    constexpr GemmConfig C = decltype(config_tag)::value;
+    run_kernel(op, p, like, &sm80::workspace_size<C, ElementOut, ElementBias>, &sm80::run<C, ElementOut, ElementBias>);
+  };
+  switch (sm80::config_for(p.m)) {
+    case GemmConfig::kM32: launch(std::integral_constant<GemmConfig, GemmConfig::kM32>{}); break;
+    case GemmConfig::kM128: launch(std::integral_constant<GemmConfig, GemmConfig::kM128>{}); break;
     case GemmConfig::kLarge: launch(std::integral_constant<GemmConfig, GemmConfig::kLarge>{}); break;
   }
 }
 
+template <typename ElementOut, typename ElementBias>
+void run_gemm(const char* op, const GemmProblem& p, const torch::Tensor& like) {
+  if (kernel_family(op) == KernelFamily::kSm90) {
+    run_sm90<ElementOut, ElementBias>(op, p, like);
+  } else {
+    run_sm80<ElementOut, ElementBias>(op, p, like);
+  }
+}
+
 bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The epilogue reads its [M] / [N] vectors 16 bytes at a time. A view that starts off a 16-byte boundary
+// is copied (a fresh allocation is aligned); parameters and fresh activations never need it.
+torch::Tensor aligned_copy_if_needed(const torch::Tensor& t) { return aligned16(t) ? t : t.clone(); }
+
+// The checks both ops share; returns (M, N, K).
+std::tuple<int64_t, int64_t, int64_t> check_operands(const char* op, const torch::Tensor& a, const torch::Tensor& w,
+                                                     const torch::Tensor& a_scale, const torch::Tensor& w_scale) {
+  TORCH_CHECK(a.is_cuda() && w.is_cuda() && a_scale.is_cuda() && w_scale.is_cuda(), op, ": tensors must be on CUDA");
+  TORCH_CHECK(w.device() == a.device() && a_scale.device() == a.device() && w_scale.device() == a.device(), op,
+              ": tensors must be on one device");
+  TORCH_CHECK(a.scalar_type() == torch::kInt8 && w.scalar_type() == torch::kInt8, op, ": a and w must be int8");
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), op, ": a [M, K] and w [N, K] expected");
+  TORCH_CHECK(a.is_contiguous() && w.is_contiguous(), op, ": a and w must be contiguous");
+  const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
+  TORCH_CHECK(k % 16 == 0 && n % 16 == 0, op, ": K and N must be multiples of 16, got K=", k, ", N=", n);
+  TORCH_CHECK(aligned16(a) && aligned16(w), op, ": a and w must be 16-byte aligned");
+  TORCH_CHECK(a_scale.scalar_type() == torch::kFloat && w_scale.scalar_type() == torch::kFloat, op,
+              ": scales must be float32");
+  TORCH_CHECK(a_scale.is_contiguous() && w_scale.is_contiguous(), op, ": scales must be contiguous");
+  TORCH_CHECK(a_scale.numel() == m || a_scale.numel() == 1, op, ": a_scale must have M or 1 elements");
+  TORCH_CHECK(w_scale.numel() == n || w_scale.numel() == 1, op, ": w_scale must have N or 1 elements");
+  return {m, n, k};
+}
+
+void check_bias(const char* op, const std::optional<torch::Tensor>& bias, const torch::Tensor& a, int64_t n) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->is_cuda() && bias->device() == a.device(), op, ": bias must be on the device of a");
+  TORCH_CHECK(bias->is_contiguous() && bias->numel() == n, op, ": bias must be a contiguous [N]");
+}
+
+GemmProblem make_problem(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& a_scale,
+                         const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias,
+                         const float* out_scale, torch::Tensor& out, bool relu) {
+  const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
+  return GemmProblem{
+      a.data_ptr<int8_t>(), w.data_ptr<int8_t>(), a_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
+      bias.has_value() ? bias->data_ptr() : nullptr, out_scale, out.data_ptr(),
+      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+      a_scale.numel() == m, w_scale.numel() == n, relu};
+}
 
 }  // namespace
 
 torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& a_scale,
                         const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias, bool relu,
                         at::ScalarType out_dtype) {
-  TORCH_CHECK(a.is_cuda() && w.is_cuda() && a_scale.is_cuda() && w_scale.is_cuda(), "w8a8_gemm: tensors must be on CUDA");
-  TORCH_CHECK(a.scalar_type() == torch::kInt8 && w.scalar_type() == torch::kInt8, "w8a8_gemm: a and w must be int8");
-  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "w8a8_gemm: a [M, K] and w [N, K] expected");
-  TORCH_CHECK(a.is_contiguous() && w.is_contiguous(), "w8a8_gemm: a and w must be contiguous");
-  const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
-  TORCH_CHECK(k % 16 == 0 && n % 16 == 0, "w8a8_gemm: K and N must be multiples of 16, got K=", k, ", N=", n);
-  TORCH_CHECK(aligned16(a) && aligned16(w), "w8a8_gemm: a and w must be 16-byte aligned");
-  TORCH_CHECK(a_scale.scalar_type() == torch::kFloat && w_scale.scalar_type() == torch::kFloat,
-              "w8a8_gemm: scales must be float32");
-  TORCH_CHECK(a_scale.is_contiguous() && w_scale.is_contiguous(), "w8a8_gemm: scales must be contiguous");
-  TORCH_CHECK(a_scale.numel() == m || a_scale.numel() == 1, "w8a8_gemm: a_scale must have M or 1 elements");
-  TORCH_CHECK(w_scale.numel() == n || w_scale.numel() == 1, "w8a8_gemm: w_scale must have N or 1 elements");
-  TORCH_CHECK(out_dtype == torch::kHalf || out_dtype == torch::kBFloat16, "w8a8_gemm: output must be fp16 or bf16");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == n, "w8a8_gemm: bias must be [N]");
-    TORCH_CHECK(bias->scalar_type() == out_dtype, "w8a8_gemm: bias must have the output dtype");
-  }
+  constexpr const char* op = "w8a8_gemm";
+  const auto [m, n, k] = check_operands(op, a, w, a_scale, w_scale);
+  TORCH_CHECK(out_dtype == torch::kHalf || out_dtype == torch::kBFloat16, op, ": output must be fp16 or bf16");
+  check_bias(op, bias, a, n);
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == out_dtype, op, ": bias must have the output dtype");
   const c10::cuda::CUDAGuard guard(a.device());
   auto out = torch::empty({m, n}, a.options().dtype(out_dtype));
-  if (m == 0) return out;
+  if (m == 0 || n == 0) return out;
 
-  const sm90::GemmProblem problem{
-      a.data_ptr<int8_t>(), w.data_ptr<int8_t>(), a_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
-      bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(),
-      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-      a_scale.numel() == m, w_scale.numel() == n, relu};
-  const int major = compute_capability_major();
-  TORCH_CHECK(major == 9, "w8a8_gemm: this build has a kernel for Hopper (sm_90a) only; device is sm_", major,
-              compute_capability_minor());
+  const auto a_scale_ = aligned_copy_if_needed(a_scale);
+  const auto w_scale_ = aligned_copy_if_needed(w_scale);
+  const auto bias_ = bias.has_value() ? std::optional<torch::Tensor>(aligned_copy_if_needed(*bias)) : std::nullopt;
+  const GemmProblem problem = make_problem(a, w, a_scale_, w_scale_, bias_, nullptr, out, relu);
   if (out_dtype == torch::kHalf) {
-    run_sm90<cutlass::half_t>(problem, a);
+    run_gemm<cutlass::half_t, cutlass::half_t>(op, problem, a);
   } else {
-    run_sm90<cutlass::bfloat16_t>(problem, a);
+    run_gemm<cutlass::bfloat16_t, cutlass::bfloat16_t>(op, problem, a);
+  }
+  return out;
+}
+
+torch::Tensor w8a8_gemm_int8_out(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& a_scale,
+                                 const torch::Tensor& w_scale, const std::optional<torch::Tensor>& bias, bool relu,
+                                 const torch::Tensor& out_scale) {
+  constexpr const char* op = "w8a8_gemm_int8_out";
+  const auto [m, n, k] = check_operands(op, a, w, a_scale, w_scale);
+  check_bias(op, bias, a, n);
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == torch::kHalf || bias->scalar_type() == torch::kBFloat16, op,
+              ": bias must be fp16 or bf16");
+  TORCH_CHECK(out_scale.is_cuda() && out_scale.device() == a.device(), op, ": out_scale must be on the device of a");
+  TORCH_CHECK(out_scale.scalar_type() == torch::kFloat && out_scale.numel() == 1, op,
+              ": out_scale must be a float32 tensor of 1 element");
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = torch::empty({m, n}, a.options().dtype(torch::kInt8));
+  if (m == 0 || n == 0) return out;
+
+  const auto a_scale_ = aligned_copy_if_needed(a_scale);
+  const auto w_scale_ = aligned_copy_if_needed(w_scale);
+  const auto bias_ = bias.has_value() ? std::optional<torch::Tensor>(aligned_copy_if_needed(*bias)) : std::nullopt;
+  const GemmProblem problem =
+      make_problem(a, w, a_scale_, w_scale_, bias_, out_scale.data_ptr<float>(), out, relu);
+  // Without a bias the bias type only names a kernel (its null pointer reads as 0).
+  if (bias.has_value() && bias->scalar_type() == torch::kBFloat16) {
+    run_gemm<int8_t, cutlass::bfloat16_t>(op, problem, a);
+  } else {
+    run_gemm<int8_t, cutlass::half_t>(op, problem, a);
   }
   return out;
 }

@@ -1,6 +1,7 @@
 // W8A8 GEMM for Hopper (sm90a) on CUTLASS 3: int8 x int8 -> int32 accumulators -> fused epilogue
 //
-//   out[m, n] = max(a_scale[m] * (w_scale[n] * acc[m, n]) + bias[n], floor)
+//   out[m, n] = max(a_scale[m] * (w_scale[n] * acc[m, n]) + bias[n], floor)            (fp16 / bf16)
+//   out[m, n] = clamp(rint(that / out_scale), -128, 127)                              (int8)
 //
 // a_scale is per token [M] or a scalar, w_scale per output channel [N] or a scalar (chosen at run time
 // through CUTLASS's dynamic broadcast strides), bias is optional (a null pointer reads as 0), and
@@ -23,7 +24,9 @@
 #include <cutlass/util/packed_stride.hpp>
 
 #include <limits>
+#include <type_traits>
 
+#include "w8a8_epilogue.cuh"
 #include "w8a8_gemm_sm90.h"
 
 namespace smoothserve::sm90 {
@@ -32,9 +35,11 @@ using namespace cute;
 
 
 // TileShape / ClusterShape in the kernel's own (possibly swapped) M, N, K.
-template <typename ElementOut, typename TileShape, typename ClusterShape, typename KernelSchedule,
-          typename EpilogueSchedule, typename TileScheduler, bool Swap>
+template <typename ElementOut, typename ElementBias, typename TileShape, typename ClusterShape,
+          typename KernelSchedule, typename EpilogueSchedule, typename TileScheduler, bool Swap>
 struct W8A8GemmSm90 {
+  static constexpr bool kInt8Out = std::is_same_v<ElementOut, int8_t>;
+  static_assert(kInt8Out || std::is_same_v<ElementOut, ElementBias>, "a float output takes its bias in its own dtype");
   using ElementAcc = int32_t;
   using ElementCompute = float;
   static constexpr auto Round = cutlass::FloatRoundStyle::round_to_nearest;
@@ -53,8 +58,9 @@ struct W8A8GemmSm90 {
   // A column broadcast holds one value per output row (M of the kernel's problem).
   using TokenScale = VectorBroadcast<float, TokenStride, !Swap>;
   using ChannelScale = VectorBroadcast<float, ChannelStride, Swap>;
-  using Bias = VectorBroadcast<ElementOut, BiasStride, Swap>;
+  using Bias = VectorBroadcast<ElementBias, BiasStride, Swap>;
   using Floor = cutlass::epilogue::fusion::Sm90ScalarBroadcast<ElementCompute>;
+  using OutScale = cutlass::epilogue::fusion::Sm90ScalarBroadcast<ElementCompute>;  // read from a device pointer
   using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
 
   using ChannelTimesAcc = cutlass::epilogue::fusion::Sm90EVT<
@@ -64,9 +70,16 @@ struct W8A8GemmSm90 {
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementCompute, ElementCompute,
                                              Round>,
       TokenScale, ChannelTimesAcc, Bias>;
-  using Epilogue = cutlass::epilogue::fusion::Sm90EVT<
+  using FloatEpilogue = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::maximum, ElementOut, ElementCompute, Round>,
       ScaledPlusBias, Floor>;
+  // The int8 output: one node computes the whole tail with explicit intrinsics (w8a8_epilogue.cuh),
+  // from (a_scale, w_scale * acc, bias, floor, out_scale), so that engine/ops.py can reproduce it bit
+  // for bit. (The float output's fma comes from the compiler contracting CUTLASS's `a * b + c`.)
+  using Int8Epilogue = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<epilogue::AffineFloorRequantize, ElementOut, ElementCompute, Round>,
+      TokenScale, ChannelTimesAcc, Bias, Floor, OutScale>;
+  using Epilogue = conditional_t<kInt8Out, Int8Epilogue, FloatEpilogue>;
 
   using LayoutA = cutlass::layout::RowMajor;     // the kernel's A is K-major
   using LayoutB = cutlass::layout::ColumnMajor;  // the kernel's B is K-major
@@ -109,16 +122,16 @@ struct W8A8GemmSm90 {
     get<Swap ? 0 : 1>(channel_stride) = p.w_scale_per_channel;
     const float floor = p.relu ? 0.0f : -std::numeric_limits<float>::infinity();
 
-    typename Epilogue::Arguments epilogue{
-        {
-            {p.a_scale, 0.0f, token_stride},                                   // token scale
-            {{p.w_scale, 0.0f, channel_stride}, {}, {}},                       // channel scale * acc
-            {static_cast<const ElementOut*>(p.bias), ElementOut(0.0f), {}},    // bias (null reads as 0)
-            {},
-        },
-        {{floor}},
-        {},
-    };
+    const typename TokenScale::Arguments token_scale{p.a_scale, 0.0f, token_stride};
+    const typename ChannelTimesAcc::Arguments channel_times_acc{{p.w_scale, 0.0f, channel_stride}, {}, {}};
+    const typename Bias::Arguments bias{static_cast<const ElementBias*>(p.bias), ElementBias(0.0f), {}};  // null: 0
+    typename Epilogue::Arguments epilogue{};
+    if constexpr (kInt8Out) {
+      const typename OutScale::Arguments out_scale{{1.0f}, {p.out_scale}, {}};
+      epilogue = typename Epilogue::Arguments{token_scale, channel_times_acc, bias, {{floor}}, out_scale, {}};
+    } else {
+      epilogue = typename Epilogue::Arguments{{token_scale, channel_times_acc, bias, {}}, {{floor}}, {}};
+    }
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {kernel_m, kernel_n, p.k, 1},
@@ -129,45 +142,45 @@ struct W8A8GemmSm90 {
 };
 
 // The tile configurations, by M bucket (see w8a8_gemm_sm90.h).
-template <GemmConfig C, typename ElementOut>
+template <GemmConfig C, typename ElementOut, typename ElementBias>
 struct ConfigOf;
 
-template <typename ElementOut>
-struct ConfigOf<GemmConfig::kSwapM16, ElementOut> {
-  using type = W8A8GemmSm90<ElementOut, Shape<_128, _16, _256>, Shape<_1, _1, _1>,
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kSwapM16, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_128, _16, _256>, Shape<_1, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
 };
-template <typename ElementOut>
-struct ConfigOf<GemmConfig::kSwapM64, ElementOut> {
-  using type = W8A8GemmSm90<ElementOut, Shape<_128, _64, _128>, Shape<_1, _1, _1>,
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kSwapM64, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_128, _64, _128>, Shape<_1, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
 };
-template <typename ElementOut>
-struct ConfigOf<GemmConfig::kM256, ElementOut> {
-  using type = W8A8GemmSm90<ElementOut, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kM256, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler,
                             false>;
 };
-template <typename ElementOut>
-struct ConfigOf<GemmConfig::kLarge, ElementOut> {
-  using type = W8A8GemmSm90<ElementOut, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kLarge, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler,
                             false>;
 };
 
-template <GemmConfig C, typename ElementOut>
+template <GemmConfig C, typename ElementOut, typename ElementBias>
 size_t workspace_size(const GemmProblem& p) {
-  using Config = typename ConfigOf<C, ElementOut>::type;
+  using Config = typename ConfigOf<C, ElementOut, ElementBias>::type;
   return Config::Gemm::get_workspace_size(Config::arguments(p));
 }
 
-template <GemmConfig C, typename ElementOut>
+template <GemmConfig C, typename ElementOut, typename ElementBias>
 cutlass::Status run(const GemmProblem& p, void* workspace, cudaStream_t stream) {
-  using Config = typename ConfigOf<C, ElementOut>::type;
+  using Config = typename ConfigOf<C, ElementOut, ElementBias>::type;
   typename Config::Gemm gemm;
   auto args = Config::arguments(p);
   cutlass::Status status = gemm.can_implement(args);
@@ -183,5 +196,12 @@ cutlass::Status run(const GemmProblem& p, void* workspace, cudaStream_t stream) 
   template size_t workspace_size<CONFIG, cutlass::bfloat16_t>(const GemmProblem&);                            \
   template cutlass::Status run<CONFIG, cutlass::half_t>(const GemmProblem&, void*, cudaStream_t);             \
   template cutlass::Status run<CONFIG, cutlass::bfloat16_t>(const GemmProblem&, void*, cudaStream_t);
+
+// The int8 output, for both bias dtypes.
+#define SMOOTHSERVE_INSTANTIATE_SM90_INT8(CONFIG)                                                              \
+  template size_t workspace_size<CONFIG, int8_t, cutlass::half_t>(const GemmProblem&);                        \
+  template size_t workspace_size<CONFIG, int8_t, cutlass::bfloat16_t>(const GemmProblem&);                    \
+  template cutlass::Status run<CONFIG, int8_t, cutlass::half_t>(const GemmProblem&, void*, cudaStream_t);     \
+  template cutlass::Status run<CONFIG, int8_t, cutlass::bfloat16_t>(const GemmProblem&, void*, cudaStream_t);
 
 }  // namespace smoothserve::sm90

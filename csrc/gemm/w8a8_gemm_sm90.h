@@ -10,20 +10,9 @@
 #include <cutlass/half.h>
 #include <cutlass/cutlass.h>
 
-namespace smoothserve::sm90 {
+#include "w8a8_gemm_problem.h"
 
-struct GemmProblem {
-  const int8_t* a;       // [M, K] row-major
-  const int8_t* w;       // [N, K] row-major (K-major)
-  const float* a_scale;  // [M] or [1]
-  const float* w_scale;  // [N] or [1]
-  const void* bias;      // [N] in the output dtype, or nullptr
-  void* out;             // [M, N] row-major
-  int m, n, k;
-  bool a_scale_per_token;
-  bool w_scale_per_channel;
-  bool relu;
-};
+namespace smoothserve::sm90 {
 
 // Tile configurations, chosen by the number of tokens M:
 //   kSwapM16  M <= 16   swapped, 128x16x256 tile, stream-K: the weight stream dominates, and
@@ -34,10 +23,13 @@ struct GemmProblem {
 //                       tiles data-parallel and splits only the last, partial wave)
 enum class GemmConfig { kSwapM16, kSwapM64, kM256, kLarge };
 
-template <GemmConfig C, typename ElementOut>
+// ElementOut: cutlass::half_t or cutlass::bfloat16_t with ElementBias = ElementOut, or int8_t (the
+// requantized output; ElementBias half_t or bfloat16_t). The int8 output is instantiated for kSwapM64
+// (serving every M <= 64) and kLarge (M > 64) only, to bound compile time.
+template <GemmConfig C, typename ElementOut, typename ElementBias = ElementOut>
 size_t workspace_size(const GemmProblem& p);
 
-template <GemmConfig C, typename ElementOut>
+template <GemmConfig C, typename ElementOut, typename ElementBias = ElementOut>
 cutlass::Status run(const GemmProblem& p, void* workspace, cudaStream_t stream);
 
 }  // namespace smoothserve::sm90
