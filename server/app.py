@@ -134,6 +134,29 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class ResponseCountingMiddleware:
+    """Counts every HTTP response by route and status, 401 and 413 from the guard included (it sits
+    outside the guard). Paths that are not routes count as "other", so clients cannot grow the label set."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.http_response(route, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -211,6 +234,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(state, body, request)
 
+    # Outermost (added last), so that the guard's 401/413 answers are counted too.
+    routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    app.add_middleware(ResponseCountingMiddleware, metrics=state.metrics, routes=routes)
     return app
 
 

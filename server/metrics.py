@@ -54,6 +54,8 @@ class ServerMetrics:
                                     "Time from admission to first being scheduled", LATENCY_BUCKETS)  # fmt: skip
         self.prompt_length = histogram("smoothserve_request_prompt_tokens", "Prompt length", TOKEN_BUCKETS)
         self.generation_length = histogram("smoothserve_request_generation_tokens", "Completion length", TOKEN_BUCKETS)
+        self._http = Counter("smoothserve_http_responses", "HTTP responses, by route and status code",
+                             ["model", "route", "status"], registry=self.registry)  # fmt: skip
         self._last = SchedulerStats(0, 0, 0.0, 0, 0, 0)
         # Every label value from the start, so that dashboards see zeros rather than missing series.
         for reason in REJECTION_REASONS:
@@ -63,6 +65,9 @@ class ServerMetrics:
 
     def finished(self, finish_reason: str) -> None:
         self._finished.labels(self.model, finish_reason).inc()
+
+    def http_response(self, route: str, status: int) -> None:
+        self._http.labels(self.model, route, str(status)).inc()
 
     def rejected(self, reason: str) -> None:
         self._rejections.labels(self.model, reason).inc()

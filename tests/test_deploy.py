@@ -368,7 +368,7 @@ def test_each_alert_fires_on_its_failure_and_none_on_a_healthy_server(promtool: 
 def test_the_alerts_cover_down_ttft_kv_cache_queue_and_errors() -> None:
     exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
     for needed in ("up", "smoothserve_time_to_first_token_seconds_bucket", "smoothserve_kv_cache_usage_ratio",
-                   "smoothserve_requests_waiting", "smoothserve_aborted_requests_total"):  # fmt: skip
+                   "smoothserve_requests_waiting", "smoothserve_http_responses_total"):  # fmt: skip
         assert any(needed in promql_metric_names(expr) for expr in exprs.values()), needed
     assert all(rule["labels"]["severity"] in ("warning", "critical") for rule in alert_rules())
 
@@ -378,7 +378,8 @@ def test_the_dashboard_has_a_panel_for_each_signal_on_the_provisioned_datasource
     names_by_title = {p["title"]: set().union(*(promql_metric_names(t["expr"]) for t in p["targets"])) for p in panels}
     signals = {
         "request rate": "smoothserve_requests_finished_total",
-        "errors": "smoothserve_aborted_requests_total",
+        "errors": "smoothserve_http_responses_total",
+        "aborts": "smoothserve_aborted_requests_total",
         "TTFT": "smoothserve_time_to_first_token_seconds_bucket",
         "inter-token latency": "smoothserve_inter_token_latency_seconds_bucket",
         "end-to-end latency": "smoothserve_e2e_request_latency_seconds_bucket",

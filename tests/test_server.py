@@ -232,6 +232,10 @@ def test_metrics_after_traffic_count_what_was_served(trained_outlier_model_dir) 
         replies = asyncio.run(traffic())
         shared = {"model": "tiny", "prompt": "MENENIUS: " * 12, "max_tokens": 4, "ignore_eos": True}
         replies += [post(running, shared).json(), post(running, shared).json()]  # the second one hits the cache
+        assert post(running, {"model": "tiny", "prompt": ""}).status_code == 400
+        wrong_key = httpx.post(f"{running.url}/v1/completions", headers=headers("wrong"), json=shared)
+        assert wrong_key.status_code == 401
+        assert httpx.get(f"{running.url}/no/such/route", headers=headers()).status_code == 404
         running.assert_idle()
         after = scrape(running)
 
@@ -271,6 +275,13 @@ def test_metrics_after_traffic_count_what_was_served(trained_outlier_model_dir) 
         for reason in ("requests", "tokens", "shutdown"):
             assert after[f'smoothserve_admission_rejections_total{{model="tiny",reason="{reason}"}}'] == 0
         assert after[f"smoothserve_aborted_requests_total{model}"] == 0
+        # Every response is counted by route and status, the guard's 401 included; unknown paths as "other".
+        responses = 'smoothserve_http_responses_total{{model="tiny",route="{}",status="{}"}}'
+        assert delta(responses.format("/v1/completions", 200)) == 8
+        assert delta(responses.format("/v1/completions", 400)) == 1
+        assert delta(responses.format("/v1/completions", 401)) == 1
+        assert delta(responses.format("other", 404)) == 1
+        assert not any("/no/such/route" in name for name in after)
         assert all(name.startswith("smoothserve_") and 'model="tiny"' in name for name in after)
     finally:
         running.stop()
