@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# FP16 against W8A8 serving on one GPU: start `smoothserve serve` on random weights at a real OPT shape,
+# first in FP16 then in W8A8, drive each with the same load (`smoothserve bench`: input 512, output 128,
+# Poisson arrivals at rising rates up to saturation), and write serving-<device>.{json,md} and the plots.
+#   bash benchmarks/serving_compare.sh [shape]        # default opt-13b; OUT (default benchmarks/results)
+#   RATES=1,4,8,16,32,inf NUM_PROMPTS=200 bash benchmarks/serving_compare.sh
+# Needs the built extension and a GPU. Random weights: throughput and latency are real, the text is not.
+set -euo pipefail
+SHAPE=${1:-opt-13b}
+OUT=${OUT:-benchmarks/results}
+RATES=${RATES:-1,4,8,16,32,inf}
+NUM_PROMPTS=${NUM_PROMPTS:-200}
+PORT=${PORT:-8123}
+work=$(mktemp -d)
+server_pid=
+cleanup() { [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+# A tokenizer for the random model (the weights never come from this directory).
+smoothserve make-tiny-model "$work/tokenizer" > "$work/make-tiny-model.log" 2>&1
+
+for variant in fp16 w8a8; do
+    args=(--model "random:$SHAPE" --load-format random --tokenizer "$work/tokenizer" --dtype float16
+          --port "$PORT" --max-num-seqs 256 --served-model-name "$SHAPE-$variant")
+    [ "$variant" = w8a8 ] && args+=(--quantization w8a8)
+    smoothserve serve "${args[@]}" > "$OUT/serve-$variant.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 600); do  # loading, quantizing, CUDA graph capture
+        curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
+        kill -0 "$server_pid" 2>/dev/null || { tail -30 "$OUT/serve-$variant.log"; exit 1; }
+        sleep 1
+    done
+    smoothserve bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
+        --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --out "$OUT/serving-$variant"
+    kill -TERM "$server_pid"
+    wait "$server_pid" || true
+    server_pid=
+done
+
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
+python3 -m benchmarks.serving_report --fp16 "$OUT/serving-fp16" --w8a8 "$OUT/serving-w8a8" \
+    --device-name "$device" --model "$SHAPE" --out "$OUT"

@@ -1,0 +1,121 @@
+"""Combine two `smoothserve bench` runs (FP16 and W8A8 servers under the same load) into
+serving-<device>.{json,md} with the evaluation issue's targets.
+
+    python -m benchmarks.serving_report --fp16 DIR --w8a8 DIR --device-name "NVIDIA H100 80GB HBM3" --out DIR
+
+Targets: W8A8 output tokens/s at saturation (the best rate) >= 1.6 x FP16's; at the highest request rate
+FP16 sustains (every request completed and its throughput within 10 % of the offered rate, or the inf
+rate), W8A8's p99 TTFT and p99 inter-token latency <= FP16's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from benchmarks.common import device_slug, git_commit
+
+THROUGHPUT_RATIO_TARGET = 1.6
+SUSTAINED_FRACTION = 0.9
+
+
+def load(path: Path) -> dict:
+    return json.loads((path / "bench.json").read_text())
+
+
+def sustained(load_summary: dict) -> bool:
+    """Every request served, and at a finite rate the server kept up with the arrivals."""
+    if load_summary["failed"]:
+        return False
+    rate = load_summary["request_rate"]
+    return math.isinf(rate) or load_summary["request_throughput"] >= SUSTAINED_FRACTION * rate
+
+
+def _rate(value: float | str) -> float:
+    return float(value)
+
+
+def compare(fp16: dict, w8a8: dict) -> dict:
+    def by_rate(run: dict) -> dict[float, dict]:
+        return {_rate(summary["request_rate"]): summary for summary in run["loads"]}
+
+    fp16_loads, w8a8_loads = by_rate(fp16), by_rate(w8a8)
+    rates = sorted(set(fp16_loads) & set(w8a8_loads))
+    best = {name: max(s["output_token_throughput"] for s in loads.values())
+            for name, loads in (("fp16", fp16_loads), ("w8a8", w8a8_loads))}  # fmt: skip
+    finite_sustained = [r for r in rates if not math.isinf(r) and sustained(fp16_loads[r])]
+    highest = max(finite_sustained) if finite_sustained else None
+    targets = [{
+        "target": f"W8A8 output tokens/s at saturation >= {THROUGHPUT_RATIO_TARGET} x FP16's",
+        "value": best["w8a8"] / best["fp16"] if best["fp16"] else None,
+        "pass": bool(best["fp16"]) and best["w8a8"] >= THROUGHPUT_RATIO_TARGET * best["fp16"],
+    }]  # fmt: skip
+    for metric, label in (("ttft_ms", "p99 TTFT"), ("itl_ms", "p99 inter-token latency")):
+        if highest is None:
+            targets.append({"target": f"W8A8 {label} <= FP16's at FP16's highest sustained rate", "value": None,
+                            "pass": False})  # fmt: skip
+            continue
+        ours, theirs = w8a8_loads[highest][metric].get("p99"), fp16_loads[highest][metric].get("p99")
+        targets.append({
+            "target": f"W8A8 {label} <= FP16's at {highest:g} req/s (FP16's highest sustained rate)",
+            "value": ours / theirs if ours is not None and theirs else None,
+            "pass": ours is not None and theirs is not None and ours <= theirs,
+        })  # fmt: skip
+    rows = [{"rate": r, "variant": name, **{k: loads[r][k] for k in (
+                "completed", "failed", "request_throughput", "output_token_throughput")},
+             "ttft_p50_ms": loads[r]["ttft_ms"].get("p50"), "ttft_p99_ms": loads[r]["ttft_ms"].get("p99"),
+             "itl_p50_ms": loads[r]["itl_ms"].get("p50"), "itl_p99_ms": loads[r]["itl_ms"].get("p99"),
+             "tpot_p50_ms": loads[r]["tpot_ms"].get("p50"), "e2e_p99_ms": loads[r]["e2e_ms"].get("p99")}
+            for r in rates for name, loads in (("fp16", fp16_loads), ("w8a8", w8a8_loads))]  # fmt: skip
+    return {"rows": rows, "targets": targets, "highest_sustained_fp16_rate": highest}
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# Serving benchmark: {report['device']}", "",
+             f"Date {report['date']}, commit {report['commit']}. Model {report['model']} (random weights); "
+             f"{report['workload']}.", "", "## Targets", "",
+             "| target | value | result |", "|---|---|---|"]  # fmt: skip
+    for t in report["targets"]:
+        lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {'pass' if t['pass'] else 'FAIL'} |")
+    lines += ["", "| rate (req/s) | server | done | failed | req/s | output tok/s | TTFT p50 / p99 ms | "
+              "ITL p50 / p99 ms | TPOT p50 ms | E2E p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['rate']:g} | {r['variant']} | {r['completed']} | {r['failed']} | {r['request_throughput']:.2f} | "
+            f"{r['output_token_throughput']:.0f} | {_fmt(r['ttft_p50_ms'])} / {_fmt(r['ttft_p99_ms'])} | "
+            f"{_fmt(r['itl_p50_ms'])} / {_fmt(r['itl_p99_ms'])} | {_fmt(r['tpot_p50_ms'])} | {_fmt(r['e2e_p99_ms'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp16", type=Path, required=True, help="bench --out directory of the FP16 server")
+    parser.add_argument("--w8a8", type=Path, required=True, help="bench --out directory of the W8A8 server")
+    parser.add_argument("--device-name", required=True)
+    parser.add_argument("--model", default="opt-13b")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    fp16, w8a8 = load(args.fp16), load(args.w8a8)
+    config = fp16["config"]
+    report = {"device": args.device_name, "date": w8a8["date"], "commit": git_commit(), "model": args.model,
+              "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
+                          f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
+              **compare(fp16, w8a8)}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(args.device_name)
+    (args.out / f"serving-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = to_markdown(report)
+    (args.out / f"serving-{slug}.md").write_text(markdown)
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The FP16-vs-W8A8 serving report: which rate counts as sustained, and the targets it derives."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import serving_report
+
+
+def _summary(rate: float, throughput: float, tokens_per_s: float, ttft_p99: float, itl_p99: float,
+             failed: int = 0) -> dict:  # fmt: skip
+    def dist(p99: float) -> dict[str, float]:
+        return {"mean": p99 / 2, "p50": p99 / 3, "p99": p99, "max": p99 * 1.5}
+
+    return {"request_rate": rate, "num_requests": 100, "completed": 100 - failed, "failed": failed,
+            "request_throughput": throughput, "output_token_throughput": tokens_per_s,
+            "ttft_ms": dist(ttft_p99), "itl_ms": dist(itl_p99), "tpot_ms": dist(itl_p99),
+            "e2e_ms": dist(9e3)}  # fmt: skip
+
+
+def _run(loads: list[dict]) -> dict:
+    return {"date": "2026-11-23T00:00:00+00:00", "config": {"input_len": 512, "output_len": 128, "num_prompts": 100,
+            "arrivals": "poisson"}, "loads": loads}  # fmt: skip
+
+
+def test_targets_use_the_highest_rate_fp16_sustains(tmp_path) -> None:
+    fp16 = _run([_summary(1, 0.98, 125, 80, 30), _summary(4, 3.9, 500, 150, 40),
+                 _summary(16, 6.0, 760, 9000, 90), _summary(math.inf, 6.1, 780, 20000, 95)])  # fmt: skip
+    w8a8 = _run([_summary(1, 0.99, 127, 50, 20), _summary(4, 3.95, 505, 90, 25),
+                 _summary(16, 11.0, 1400, 800, 45), _summary(math.inf, 11.5, 1450, 9000, 50)])  # fmt: skip
+    report = serving_report.compare(fp16, w8a8)
+    assert report["highest_sustained_fp16_rate"] == 4  # at 16 req/s FP16 served 6/s: not sustained
+    throughput, ttft, itl = report["targets"]
+    assert math.isclose(throughput["value"], 1450 / 780) and throughput["pass"]
+    assert math.isclose(ttft["value"], 90 / 150) and ttft["pass"]
+    assert math.isclose(itl["value"], 25 / 40) and itl["pass"]
+    assert len(report["rows"]) == 8
+
+    for name, run in (("fp16", fp16), ("w8a8", w8a8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps(run))
+    written = serving_report.main(["--fp16", str(tmp_path / "fp16"), "--w8a8", str(tmp_path / "w8a8"),
+                                   "--device-name", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path)])  # fmt: skip
+    assert written["targets"] == report["targets"]
+    assert "| 4 | w8a8 | 100 | 0 | 3.95 | 505 |" in (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+
+
+def test_a_slower_w8a8_fails_and_failures_are_not_sustained() -> None:
+    fp16 = _run([_summary(2, 1.95, 250, 100, 30), _summary(8, 7.9, 1000, 200, 40, failed=3)])
+    w8a8 = _run([_summary(2, 1.96, 251, 120, 35), _summary(8, 7.95, 1010, 150, 30)])
+    report = serving_report.compare(fp16, w8a8)
+    assert report["highest_sustained_fp16_rate"] == 2  # failed requests at 8 req/s
+    throughput, ttft, itl = report["targets"]
+    assert not throughput["pass"] and not ttft["pass"] and not itl["pass"]
