@@ -26,7 +26,7 @@ for stage in $stages; do
         kernels) python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -20 ;;
         latency) python3 -m benchmarks.latency --out "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
         fidelity) python3 -m benchmarks.fidelity --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" | tail -30 ;;
-        serving) OUT="$OUT" bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+        serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
     echo "$stage: $(( $(date +%s) - start )) s"

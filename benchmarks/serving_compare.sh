@@ -11,26 +11,28 @@ OUT=${OUT:-benchmarks/results}
 RATES=${RATES:-1,4,8,16,32,inf}
 NUM_PROMPTS=${NUM_PROMPTS:-200}
 PORT=${PORT:-8123}
+# The CLI: the installed `smoothserve`, or (an in-place build, as benchmarks/device_check.sh makes) the module.
+read -r -a SMOOTHSERVE <<< "${SMOOTHSERVE:-smoothserve}"
 work=$(mktemp -d)
 server_pid=
 cleanup() { [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
 # A tokenizer for the random model (the weights never come from this directory).
-smoothserve make-tiny-model "$work/tokenizer" > "$work/make-tiny-model.log" 2>&1
+"${SMOOTHSERVE[@]}" make-tiny-model "$work/tokenizer" > "$work/make-tiny-model.log" 2>&1
 
 for variant in fp16 w8a8; do
     args=(--model "random:$SHAPE" --load-format random --tokenizer "$work/tokenizer" --dtype float16
           --port "$PORT" --max-num-seqs 256 --served-model-name "$SHAPE-$variant")
     [ "$variant" = w8a8 ] && args+=(--quantization w8a8)
-    smoothserve serve "${args[@]}" > "$OUT/serve-$variant.log" 2>&1 &
+    "${SMOOTHSERVE[@]}" serve "${args[@]}" > "$OUT/serve-$variant.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 600); do  # loading, quantizing, CUDA graph capture
         curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null && break
         kill -0 "$server_pid" 2>/dev/null || { tail -30 "$OUT/serve-$variant.log"; exit 1; }
         sleep 1
     done
-    smoothserve bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
+    "${SMOOTHSERVE[@]}" bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
         --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --out "$OUT/serving-$variant"
     kill -TERM "$server_pid"
     wait "$server_pid" || true

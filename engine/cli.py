@@ -126,15 +126,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+    from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ServerConfig
     from server.main import api_key_from_env, serve
 
     config = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-                          quant=QuantConfig(level=args.level), max_model_len=args.max_model_len),
+        model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+                          quantization=args.quantization, quant=QuantConfig(level=args.level),
+                          max_model_len=args.max_model_len, load_format=args.load_format),
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           num_cpu_blocks=args.num_cpu_blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
         server=ServerConfig(host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
                             served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
                             max_queued_tokens=args.max_queued_tokens, metrics_public=args.metrics_public,
@@ -229,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument("--device", default="auto")
     serve_parser.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    serve_parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="split the model over this many GPUs (one process each)"
+    )
+    serve_parser.add_argument(
+        "--load-format",
+        choices=("auto", "random"),
+        default="auto",
+        help="random: no checkpoint, random weights (W8A8 with --quantization w8a8) for benchmarking; "
+        "--model may then be random:<shape>, e.g. random:opt-175b, with --tokenizer",
+    )
+    serve_parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     serve_parser.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("eval", help="evaluate models (FP16, W8A8, or variants compared) on a task")

@@ -16,10 +16,12 @@ QuantLevel = Literal["O1", "O2", "O3"]
 WeightGranularity = Literal["per_channel", "per_tensor"]
 ActivationQuant = Literal["per_token", "per_tensor_dynamic", "per_tensor_static"]
 DType = Literal["auto", "float16", "bfloat16", "float32"]
+LoadFormat = Literal["auto", "random"]
 
 QUANT_LEVELS: tuple[str, ...] = ("O1", "O2", "O3")
 WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
+LOAD_FORMATS: tuple[str, ...] = ("auto", "random")
 
 # SmoothQuant paper, Table 2: how activations are quantized at each level.
 ACTIVATION_QUANT_BY_LEVEL: dict[str, ActivationQuant] = {
@@ -105,6 +107,8 @@ class ModelConfig:
     `quantization`: None runs the checkpoint as stored (a W8A8 checkpoint runs W8A8; an FP16 one runs
     FP16); "w8a8" additionally asks for W8A8 and, for an FP16 checkpoint, quantizes it in memory with
     `quant`.
+    `load_format="random"` reads no weights: random ones (W8A8 layout with `quantization="w8a8"`, not
+    calibrated) for benchmarking; `model` may then also be `random:<shape>` (e.g. `random:opt-175b`).
     """
 
     model: str
@@ -118,11 +122,15 @@ class ModelConfig:
     revision: str | None = None
     # Run every step eagerly; otherwise decode steps on a GPU replay captured CUDA graphs.
     enforce_eager: bool = False
+    load_format: LoadFormat = "auto"
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model must name a directory or a hub model")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.quantization in (None, "w8a8"), f"quantization must be None or 'w8a8', got {self.quantization!r}")
+        _require(
+            self.load_format in LOAD_FORMATS, f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}"
+        )
         if self.max_model_len is not None:
             _require(self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -160,6 +168,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
+        _require(self.collective_timeout_s > 0, f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         _require(self.max_queued_requests >= 1, "max_queued_requests must be >= 1")
+        _require(self.max_queued_tokens is None or self.max_queued_tokens >= 1, "max_queued_tokens must be >= 1")
+        _require(self.shutdown_timeout_s >= 0, "shutdown_timeout_s must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,7 @@ class DataError(SmoothServeError):
 
 class BenchmarkError(SmoothServeError):
     """A benchmark cannot run as asked (e.g. the server cannot be reached)."""
+
+
+class WorkerFailedError(SmoothServeError):
+    """A tensor-parallel rank died, failed or hung; the engine has stopped every rank and cannot continue."""

@@ -1,9 +1,14 @@
-"""The offline entry point: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The offline entry point: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+With `tensor_parallel_size` > 1 the engine has worker processes: `shutdown()` (or a `with LLM(...)`
+block, or garbage collection) stops them.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from types import TracebackType
 
 from tqdm.auto import tqdm
 
@@ -18,6 +23,7 @@ class LLM:
         self,
         model: str,
         *,
+        tokenizer: str | None = None,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         dtype: str = "auto",
@@ -33,19 +39,36 @@ class LLM:
         enable_chunked_prefill: bool = True,
         seed: int = 0,
         enforce_eager: bool = False,
+        load_format: str = "auto",
+        collective_timeout_s: float = 300.0,
     ) -> None:
         config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, device=device, quantization=quantization,
+            model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device, quantization=quantization,
                               quant=quant or QuantConfig(), max_model_len=max_model_len, seed=seed,
-                              enforce_eager=enforce_eager),
+                              enforce_eager=enforce_eager, load_format=load_format),
             cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching, num_cpu_blocks=num_cpu_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                    collective_timeout_s=collective_timeout_s),
         )  # fmt: skip
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)  # absent when the constructor failed
+        if engine is not None:
+            engine.shutdown()
 
     def generate(
         self,

@@ -4,6 +4,10 @@
 
 The HTTP server drives `add_request`, `abort_request` and `step` from its engine thread; the offline
 `LLM` class drives them in a loop.
+
+With `tensor_parallel_size` N > 1 this process is rank 0: it also starts ranks 1..N-1
+(`engine.distributed.executor`), runs its share of the model, and samples. A failed rank makes `step`
+raise `WorkerFailedError` (and every later `step` too); `shutdown` stops the other ranks.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import torch
 
 from engine.config import CalibrationConfig, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ConfigError
+from engine.distributed.executor import TensorParallelExecutor
+from engine.distributed.worker import max_model_len
+from engine.errors import ConfigError, WorkerFailedError
 from engine.kv_cache.block_manager import BlockManager
-from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
+from engine.model_runner import ModelRunner, kv_cache_blocks
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplerOutput, SamplingParams, SamplingRow, sample
@@ -62,29 +68,57 @@ def quantize_in_memory(loaded: LoadedModel, config: EngineConfig, tokenizer: Tok
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        if config.parallel.tensor_parallel_size != 1:
-            raise ConfigError("tensor parallelism is not available yet; use tensor_parallel_size=1")
         self.config = config
-        loaded = load_model(config.model)
-        self.tokenizer = load_tokenizer(config.model.tokenizer or loaded.model_dir)
+        self.requests: dict[str, _Request] = {}
+        self.failure: WorkerFailedError | None = None
+        parallel = config.parallel.tensor_parallel_size > 1
+        self.executor = TensorParallelExecutor(config) if parallel else None
+        try:
+            self._start(config)
+        except BaseException:
+            self.shutdown()  # no rank outlives a failed start
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        executor = self.executor
+        loaded = load_model(config.model, executor.shard, executor.device) if executor else load_model(config.model)
+        if executor:
+            executor.collect("loading the model")
+        tokenizer_dir = config.model.tokenizer or loaded.model_dir
+        if tokenizer_dir is None:
+            raise ConfigError(f"{config.model.model!r} has no tokenizer files; name a tokenizer (a model directory)")
+        self.tokenizer = load_tokenizer(tokenizer_dir)
         if config.model.quantization == "w8a8" and loaded.quant is None:
+            if executor:
+                raise ConfigError(
+                    "in-memory W8A8 quantization calibrates the whole model in one process; for tensor "
+                    "parallelism quantize first (smoothserve quantize) and serve the W8A8 checkpoint"
+                )
             quantize_in_memory(loaded, config, self.tokenizer)
         self.model = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
-        arch = loaded.arch
-        self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings,
-                                 arch.max_position_embeddings)  # fmt: skip
-        activation_bytes = 0
-        if self.device.type == "cuda":
-            activation_bytes = profile_activation_bytes(self.model, config.scheduler, self.max_model_len)
-        num_blocks = determine_num_blocks(self.model, config.cache, self.device, self.dtype, activation_bytes)
+        self.max_model_len = max_model_len(config, loaded.arch.max_position_embeddings)
+        if executor:  # every rank sizes its cache at once (a GPU profiles with collectives); all take the least
+            executor.send_all("kv_cache_blocks")
+            mine = kv_cache_blocks(self.model, config, self.device, self.dtype, self.max_model_len)
+            num_blocks = min(mine, *executor.collect("sizing the KV cache"))
+            executor.send_all("build_runner", num_blocks)
+        else:
+            num_blocks = kv_cache_blocks(self.model, config, self.device, self.dtype, self.max_model_len)
         block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager)
         self.runner = ModelRunner(
             self.model, config.cache, num_blocks, self.device, self.dtype, max_model_len=self.max_model_len,
             max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.model.enforce_eager,
+            publish=executor.send_step if executor else None,
         )  # fmt: skip
-        self.requests: dict[str, _Request] = {}
+        if executor:
+            executor.collect("building the model runner")
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do at size 1); safe to call more than once."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ----------------------------------------------------------------------------------------------
 
@@ -141,10 +175,22 @@ class LLMEngine:
         return self.scheduler.stats()
 
     def step(self) -> list[RequestOutput]:
+        if self.failure is not None:
+            raise self.failure
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        model_output = self.runner.execute(scheduled, self.scheduler.sequences)
+        try:
+            model_output = self.runner.execute(scheduled, self.scheduler.sequences)
+        except Exception as error:
+            if self.executor is None:
+                raise
+            # The ranks are out of step for good: stop them all, and fail this and every later step.
+            if isinstance(error, WorkerFailedError):  # the executor saw it first and has stopped the ranks
+                self.failure = error
+                raise
+            self.failure = self.executor.fail(error)
+            raise self.failure from error
         if not model_output.seq_ids:  # only prompt chunks that sample nothing yet
             self.scheduler.update(scheduled, {})
             return []

@@ -4,6 +4,10 @@ It owns the KV cache tensors (one key and one value tensor per layer, [num_block
 head_dim]) and turns a `SchedulerOutput` into the flattened batch: input ids, positions, cache slots,
 block tables, context lengths. It returns the logits of the sequences that sample this step.
 
+Under tensor parallelism rank 0's runner flattens the step and hands the host-side batch (`StepBatch`,
+plain lists) to `publish`, which sends it to the other ranks; every rank then runs the same forward
+(`run`) on its share of the model, and rank 0 samples.
+
 On a GPU, decode-only steps replay CUDA graphs captured once per batch-size bucket: a decode step of a
 large model launches hundreds of small kernels, and replaying them as one graph removes the CPU launch
 cost that otherwise dominates at small batch sizes.
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import CacheConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.layers.attention import AttentionMetadata
 from engine.models.opt import OPTForCausalLM
 from engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -37,8 +42,9 @@ class ModelOutput:
 
 
 def kv_bytes_per_block(model: OPTForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    arch = model.arch
-    per_token = 2 * arch.num_layers * arch.hidden_size * torch.tensor([], dtype=dtype).element_size()
+    attn = model.decoder.layers[0].self_attn.attn  # this rank's heads under tensor parallelism
+    element = torch.tensor([], dtype=dtype).element_size()
+    per_token = 2 * model.arch.num_layers * attn.num_heads * attn.head_dim * element
     return per_token * block_size
 
 
@@ -89,21 +95,38 @@ def determine_num_blocks(
     return num_blocks
 
 
-@dataclass
-class _Batch:
-    """The flattened step, on the host: decodes first, then prefill chunks."""
+def kv_cache_blocks(model: OPTForCausalLM, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                    max_model_len: int) -> int:  # fmt: skip
+    """This rank's KV block budget (the activation peak profiled on a GPU); under tensor parallelism every
+    rank runs this together (the profiling forward has collectives) and the engine takes the minimum."""
+    activation_bytes = 0
+    if device.type == "cuda":
+        activation_bytes = profile_activation_bytes(model, config.scheduler, max_model_len)
+    return determine_num_blocks(model, config.cache, device, dtype, activation_bytes)
 
-    scheduled: list[ScheduledSequence]
+
+@dataclass
+class StepBatch:
+    """The flattened step, on the host (plain lists: cheap to send to the other tensor-parallel ranks).
+    Decodes first, then prefill chunks."""
+
     input_ids: list[int]
     positions: list[int]
     slots: list[int]
+    seq_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens already cached per sequence
+    block_tables: list[list[int]]
     sample_rows: list[int]
     sample_ids: list[str]
     num_decodes: int
 
     @property
     def decode_only(self) -> bool:
-        return self.num_decodes == len(self.scheduled)
+        return self.num_decodes == len(self.seq_lens)
+
+    @property
+    def decode_lens(self) -> list[int]:
+        return [context + 1 for context in self.context_lens[: self.num_decodes]]
 
 
 class _DecodeGraphs:
@@ -115,6 +138,7 @@ class _DecodeGraphs:
 
     def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.model = model
+        self.device = device
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
         if not self.sizes or self.sizes[-1] < max_batch:
             self.sizes.append(max_batch)
@@ -143,6 +167,14 @@ class _DecodeGraphs:
 
     @torch.no_grad()
     def capture(self) -> None:
+        # torch.cuda.graph captures on a stream of the *current* device and replay launches on the current
+        # device's stream, while the ops run on their tensors' device: with the model on "cuda:1" (a
+        # tensor-parallel rank) and device 0 current, the kernels would run eagerly beside an empty capture.
+        # Capture and replay therefore pin the model's device.
+        with torch.cuda.device(self.device):
+            self._capture()
+
+    def _capture(self) -> None:
         start = time.perf_counter()
         pool = None
         torch.cuda.synchronize()
@@ -161,7 +193,11 @@ class _DecodeGraphs:
                     len(self.graphs), self.max_batch, time.perf_counter() - start,
                     (torch.cuda.memory_reserved() - before) / 2**30)  # fmt: skip
 
-    def run(self, batch: _Batch, tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        with torch.cuda.device(self.device):
+            return self._run(batch)
+
+    def _run(self, batch: StepBatch) -> torch.Tensor:
         count = len(batch.input_ids)
         size = next(b for b in self.sizes if b >= count)
         width = self.block_tables.shape[1]
@@ -172,9 +208,9 @@ class _DecodeGraphs:
         self.input_ids[:size].copy_(host(batch.input_ids, torch.long, 0), non_blocking=True)
         self.positions[:size].copy_(host(batch.positions, torch.long, 0), non_blocking=True)
         self.slots[:size].copy_(host(batch.slots, torch.long, -1), non_blocking=True)
-        self.seq_lens[:size].copy_(host(seq_lens, torch.int32, 0), non_blocking=True)
+        self.seq_lens[:size].copy_(host(batch.decode_lens, torch.int32, 0), non_blocking=True)
         padded = torch.zeros((size, width), dtype=torch.int32)
-        for row, table in enumerate(tables):
+        for row, table in enumerate(batch.block_tables):
             padded[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
         self.block_tables[:size].copy_(padded, non_blocking=True)
         self.graphs[size].replay()
@@ -193,12 +229,15 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enforce_eager: bool = True,
+        publish: Callable[[StepBatch], None] | None = None,
     ) -> None:
         self.model = model
         self.block_size = cache.block_size
         self.device = device
+        self.publish = publish  # tensor parallelism: sends each step to the other ranks
         arch = model.arch
-        shape = (num_blocks, cache.block_size, arch.num_heads, arch.head_dim)
+        attn = model.decoder.layers[0].self_attn.attn  # this rank's heads under tensor parallelism
+        shape = (num_blocks, cache.block_size, attn.num_heads, attn.head_dim)
         self.kv_caches = []
         for layer in model.decoder.layers:
             keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -214,10 +253,15 @@ class ModelRunner:
             self.graphs = _DecodeGraphs(model, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks, device)
             self.graphs.capture()
 
-    def _flatten(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> _Batch:
+    def _flatten(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> StepBatch:
         # Decodes (one new token) first: the attention layer runs them as one batched kernel.
-        scheduled = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
-        batch = _Batch(scheduled, [], [], [], [], [], sum(1 for s in scheduled if s.num_new_tokens == 1))
+        scheduled: list[ScheduledSequence] = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
+        batch = StepBatch(
+            input_ids=[], positions=[], slots=[], seq_lens=[s.num_new_tokens for s in scheduled],
+            context_lens=[s.num_computed_tokens for s in scheduled],
+            block_tables=[list(s.block_table) for s in scheduled], sample_rows=[], sample_ids=[],
+            num_decodes=sum(1 for s in scheduled if s.num_new_tokens == 1),
+        )  # fmt: skip
         for s in scheduled:
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             batch.input_ids.extend(sequences[s.seq_id].token_ids[start:end])
@@ -232,25 +276,31 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> ModelOutput:
         batch = self._flatten(output, sequences)
-        tables = [list(s.block_table) for s in batch.scheduled]
-        decode_lens = [s.num_computed_tokens + 1 for s in batch.scheduled[: batch.num_decodes]]
+        if self.publish is not None:
+            self.publish(batch)
+        return ModelOutput(batch.sample_ids, self.run(batch))
+
+    @torch.no_grad()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """The forward of one flattened step: the logits [len(sample_rows), vocab] of the sampling rows."""
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        if self.graphs is not None and batch.decode_only and len(batch.scheduled) <= self.graphs.max_batch:
-            hidden = self.graphs.run(batch, tables, decode_lens)
+        if self.graphs is not None and batch.decode_only and len(batch.seq_lens) <= self.graphs.max_batch:
+            hidden = self.graphs.run(batch)
         else:
+            tables = batch.block_tables
             widest = max(len(t) for t in tables)
             metadata = AttentionMetadata(
-                seq_lens=tuple(s.num_new_tokens for s in batch.scheduled),
-                context_lens=tuple(s.num_computed_tokens for s in batch.scheduled),
+                seq_lens=tuple(batch.seq_lens),
+                context_lens=tuple(batch.context_lens),
                 slot_mapping=tensor(batch.slots, torch.long),
                 block_tables=tensor([t + [0] * (widest - len(t)) for t in tables], torch.int32),
                 num_decodes=batch.num_decodes,
-                decode_seq_lens=tensor(decode_lens, torch.int32) if batch.num_decodes else None,
+                decode_seq_lens=tensor(batch.decode_lens, torch.int32) if batch.num_decodes else None,
             )
             hidden = self.model(tensor(batch.input_ids, torch.long), tensor(batch.positions, torch.long), metadata)
         every_row = len(batch.sample_rows) == hidden.shape[0]
         sampled = hidden if every_row else hidden[tensor(batch.sample_rows, torch.long)]
-        return ModelOutput(batch.sample_ids, self.model.compute_logits(sampled))
+        return self.model.compute_logits(sampled)

@@ -12,9 +12,11 @@
 // device), so a CUDA graph captured for a batch size replays for any lengths.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 
 #include <cfloat>
 #include <cstdint>
+#include <mutex>
 
 #include "../cuda_utils.h"
 #include "../ops.h"
@@ -83,7 +85,9 @@ __global__ void __launch_bounds__(kThreads)
   const int head = blockIdx.x, seq = blockIdx.y, partition = blockIdx.z;
   const int num_heads = gridDim.x, num_partitions = gridDim.z;
   const int tid = threadIdx.x, lane = tid % 32;
-  const int seq_len = seq_lens[seq];
+  // The reference sees at most the table's max_blocks * block_size tokens; a longer length would read
+  // block ids past the row (and blocks past the cache), so it is clamped to the same capacity.
+  const int seq_len = static_cast<int>(min(int64_t(seq_lens[seq]), int64_t(max_blocks) * block_size));
   const int begin = partition * kPartitionTokens;
   const int end = min(seq_len, begin + kPartitionTokens);
   const int64_t row = (int64_t(seq) * num_heads + head);
@@ -223,11 +227,16 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   using Tiles = SharedTiles<T, HeadDim>;
   const size_t shared = sizeof(Tiles);
   auto kernel = paged_attention_decode_kernel<T, HeadDim>;
-  static const bool shared_memory_set = [&] {  // once per instantiation, outside any graph capture's stream
+  // The dynamic shared-memory limit (48 KB unless raised; head_dim 256 needs ~69 KB) belongs to the
+  // kernel as loaded in one device's context, so it is raised once per device and instantiation: a
+  // process-wide flag would leave a second GPU of the same process at the default and fail its launch.
+  // It is a host-side setting, not stream work, so a first call inside a graph capture is harmless.
+  static std::once_flag shared_memory_set[C10_COMPILE_TIME_MAX_GPUS];
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device < C10_COMPILE_TIME_MAX_GPUS, "paged_attention_decode: device index ", device, " out of range");
+  std::call_once(shared_memory_set[device], [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-    return true;
-  }();
-  (void)shared_memory_set;
+  });
   const cudaStream_t stream = current_stream();
   const dim3 grid(num_heads, batch, num_partitions);
   auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
@@ -273,6 +282,10 @@ torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Te
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   key_cache.sizes() == value_cache.sizes(),
               "paged_attention_decode: caches must be contiguous [blocks, block_size, H, D] of one shape");
+  // Tiles are loaded as 16-byte vectors at element offsets that are multiples of 8 (head_dim % 16 == 0).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(key_cache.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(value_cache.data_ptr()) % 16 == 0,
+              "paged_attention_decode: caches must be 16-byte aligned");
   TORCH_CHECK(key_cache.size(2) == query.size(1) && key_cache.size(3) == query.size(2),
               "paged_attention_decode: caches and query disagree on heads or head_dim");
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
@@ -283,11 +296,13 @@ torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Te
   TORCH_CHECK(seq_lens.scalar_type() == torch::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == query.size(0),
               "paged_attention_decode: seq_lens must be int32 [B]");
   TORCH_CHECK(block_tables.device() == query.device() && seq_lens.device() == query.device() &&
-                  key_cache.device() == query.device(),
+                  key_cache.device() == query.device() && value_cache.device() == query.device(),
               "paged_attention_decode: all tensors must be on the query's device");
   const c10::cuda::CUDAGuard guard(query.device());
   auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
   if (query.size(0) == 0) return out;
+  // No table columns: every length clamps to 0 (zeros, as the reference); a grid of 0 partitions cannot launch.
+  if (block_tables.size(1) == 0) return out.zero_();
   switch (query.scalar_type()) {
     case torch::kHalf:
       dispatch_head_dim<at::Half>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);

@@ -98,7 +98,11 @@ class Attention(nn.Module):
         if decodes:
             if metadata.decode_seq_lens is None:
                 raise ValueError("decode rows need decode_seq_lens")
-            outputs.append(ops.paged_attention_decode(
+            # The CUDA kernel takes fp16/bf16 and a few head dims and refuses the rest; a float32 model on a
+            # GPU (or an odd head dim) decodes through the reference, which has no host sync either.
+            kernel_fits = q.dtype in (torch.float16, torch.bfloat16) and self.head_dim in ops._DECODE_KERNEL_HEAD_DIMS
+            decode = ops.paged_attention_decode if kernel_fits else ops.paged_attention_decode_reference
+            outputs.append(decode(
                 q[:decodes], key_cache, value_cache, metadata.block_tables[:decodes], metadata.decode_seq_lens,
                 self.scale,
             ))  # fmt: skip

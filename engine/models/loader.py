@@ -3,6 +3,12 @@
 The model is built on the meta device, given uninitialized storage on the target device, and then
 filled tensor by tensor as each shard is read, so the weights never exist twice in memory. A W8A8
 checkpoint (one with `quant_config.json`) gets its int8 layer layout before the weights arrive.
+
+Under tensor parallelism each rank builds its share of the model (`Shard`) and reads only its slice of
+every safetensors tensor. `load_format="random"` reads no weights at all: the model (W8A8 layout too)
+is filled with random values on its device, to benchmark shapes without a checkpoint; the model is then
+a directory or hub name with a config.json, or `random:<shape>` with a shape of
+`engine.models.shapes.OPT_SHAPES` (e.g. `random:opt-175b`, which needs `ModelConfig.tokenizer`).
 """
 
 from __future__ import annotations
@@ -20,14 +26,21 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.config import ModelConfig, QuantConfig
+from engine.distributed.sharding import EVERYTHING, UNSHARDED, Shard
 from engine.errors import ModelLoadError
-from engine.models.opt import OPTArchitecture, OPTForCausalLM
+from engine.models.opt import OPTArchitecture, OPTForCausalLM, TensorSource
 
 logger = logging.getLogger(__name__)
 
 QUANT_CONFIG_FILE = "quant_config.json"
 QUANT_FORMAT = "smoothserve-w8a8"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+RANDOM_SHAPE_PREFIX = "random:"
+# Random W8A8 weights: int8 uniform in [-127, 127] (std ~73) times this scale has the std (0.02) of OPT's
+# initialization; static activation scales fit LayerNorm outputs of magnitude ~5.
+RANDOM_WEIGHT_STD = 0.02
+RANDOM_INT8_WEIGHT_SCALE = RANDOM_WEIGHT_STD / 73.3
+RANDOM_ACTIVATION_SCALE = 5.0 / 127
 
 
 @dataclass(frozen=True)
@@ -35,7 +48,7 @@ class LoadedModel:
     model: OPTForCausalLM
     arch: OPTArchitecture
     quant: QuantConfig | None  # set when the checkpoint is W8A8
-    model_dir: Path
+    model_dir: Path | None  # None only for a `random:<shape>` model
     device: torch.device
     dtype: torch.dtype
 
@@ -143,30 +156,48 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise ModelLoadError(f"no weights in {model_dir} (expected *.safetensors or pytorch_model*.bin)")
 
 
-def iterate_checkpoint(files: list[Path], desc: str = "Loading weights") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, CPU tensor) for every tensor, reading one shard at a time."""
+def iterate_checkpoint(files: list[Path], desc: str = "Loading weights") -> Iterator[tuple[str, TensorSource]]:
+    """Yield (name, tensor source) for every tensor, one shard file at a time; a safetensors tensor is read
+    when indexed, and only the part indexed (a tensor-parallel rank's slice)."""
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc=desc) as bar:
         for path in files:
             reader = _read_safetensors if path.suffix == ".safetensors" else _read_torch_bin
-            for name, tensor in reader(path):
-                yield name, tensor
-                bar.update(tensor.numel() * tensor.element_size())
+            yield from reader(path)
+            bar.update(path.stat().st_size)
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class _SafetensorsTensor:
+    """One tensor of an open safetensors file; indexing reads just that part from the file."""
+
+    def __init__(self, handle: Any, name: str, path: Path) -> None:
+        self._handle, self._name, self._path = handle, name, path
+        self.shape = tuple(handle.get_slice(name).get_shape())
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
+        try:
+            if index == EVERYTHING:
+                return self._handle.get_tensor(self._name)
+            return self._handle.get_slice(self._name)[index]
+        except Exception as error:
+            raise ModelLoadError(f"cannot read {self._name} from safetensors file {self._path.name}: {error}") from None
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, TensorSource]]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as shard:
             for name in shard.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                yield name, shard.get_tensor(name)
+                yield name, _SafetensorsTensor(shard, name, path)
     except ModelLoadError:
         raise
     except Exception as error:  # safetensors raises its own error types for truncated or garbled files
         raise ModelLoadError(f"cannot read safetensors file {path.name}: {error}") from None
 
 
-def _read_torch_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, TensorSource]]:
+    # A .bin file is a pickle, which cannot be read in parts: it is loaded whole (memory-mapped where the
+    # format allows) and a tensor-parallel rank then copies only its slice of each tensor.
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -189,27 +220,74 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def empty_model(arch: OPTArchitecture, quant: QuantConfig | None, dtype: torch.dtype) -> OPTForCausalLM:
-    """The model's module tree on the meta device (no storage), in W8A8 layout if `quant` is set."""
+def empty_model(
+    arch: OPTArchitecture, quant: QuantConfig | None, dtype: torch.dtype, shard: Shard = UNSHARDED
+) -> OPTForCausalLM:
+    """The model's module tree (this rank's share of it) on the meta device (no storage), in W8A8 layout
+    if `quant` is set."""
     from engine.quant.quantize import apply_w8a8_layout
 
     with torch.device("meta"), default_dtype(dtype):
-        model = OPTForCausalLM(arch)
+        model = OPTForCausalLM(arch, shard)
         if quant is not None:
             apply_w8a8_layout(model, quant)
     return model
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Read config.json (and quant_config.json), build the model, and stream the weights into it."""
-    model_dir = resolve_model_dir(config.model, config.revision)
-    arch = read_architecture(model_dir)
-    quant = read_quant_config(model_dir)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    files = checkpoint_files(model_dir)
+@torch.no_grad()
+def fill_random(model: OPTForCausalLM, seed: int) -> None:
+    """Random weights of OPT's initialization scale (int8 ones with small scales in the W8A8 layout),
+    generated on the model's device; LayerNorms are the identity. The same seed gives every
+    tensor-parallel rank the same replicated tensors."""
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    for name, tensor in model.state_dict().items():
+        if tensor.dtype == torch.int8:
+            tensor.random_(-127, 128, generator=generator)
+        elif name.endswith("weight_scale"):
+            tensor.fill_(RANDOM_INT8_WEIGHT_SCALE)
+        elif name.endswith(("input_scale", "output_scale")):
+            tensor.fill_(RANDOM_ACTIVATION_SCALE)
+        elif "layer_norm" in name:
+            tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            tensor.zero_()
+        else:
+            tensor.normal_(0.0, RANDOM_WEIGHT_STD, generator=generator)
 
-    model = empty_model(arch, quant, dtype).to_empty(device=device)
+
+def _random_shape_architecture(name: str) -> OPTArchitecture:
+    from engine.models.shapes import OPT_SHAPES
+
+    shape = OPT_SHAPES.get(name[len(RANDOM_SHAPE_PREFIX) :])
+    if shape is None or shape.vocab_size is None:
+        named = ", ".join(RANDOM_SHAPE_PREFIX + k for k, v in OPT_SHAPES.items() if v.vocab_size)
+        raise ModelLoadError(f"unknown random model shape {name!r}; choose one of {named}")
+    return OPTArchitecture.from_hf_config(shape.to_hf_config(shape.vocab_size))
+
+
+def load_model(config: ModelConfig, shard: Shard = UNSHARDED, device: torch.device | None = None) -> LoadedModel:
+    """Read config.json (and quant_config.json), build the model (this rank's share of it, on `device`,
+    by default the configured one), and stream the weights into it, or fill it at random."""
+    random_shape = config.model.startswith(RANDOM_SHAPE_PREFIX)
+    if random_shape and config.load_format != "random":
+        raise ModelLoadError(f"{config.model!r} names a shape, not weights: it needs load_format 'random'")
+    model_dir = None if random_shape else resolve_model_dir(config.model, config.revision)
+    arch = _random_shape_architecture(config.model) if model_dir is None else read_architecture(model_dir)
+    quant = None if model_dir is None else read_quant_config(model_dir)
+    device = device or resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    if config.load_format == "random":
+        quant = config.quant if config.quantization == "w8a8" else quant
+        model = empty_model(arch, quant, dtype, shard).to_empty(device=device)
+        fill_random(model, config.seed)
+        model.eval()
+        logger.info("random %s weights for %s (%s, %s)", "W8A8" if quant else "float", config.model, dtype, device)
+        return LoadedModel(model=model, arch=arch, quant=quant, model_dir=model_dir, device=device, dtype=dtype)
+
+    assert model_dir is not None
+    files = checkpoint_files(model_dir)
+    model = empty_model(arch, quant, dtype, shard).to_empty(device=device)
     written = model.load_weights(iterate_checkpoint(files))
     missing = model.missing_weights(written)
     if missing:

@@ -6,18 +6,25 @@ Every public shape is served, 125m to 175b, including OPT-350m, which normalizes
 The model works on a flattened batch: input ids and positions of shape [T] (all sequences' new tokens
 end to end), hidden states [T, hidden]. `AttentionMetadata` describes the sequences. q/k/v are one
 fused Linear (`qkv_proj`), so a W8A8 model quantizes the LayerNorm output once and runs one GEMM.
+
+Under tensor parallelism (`shard`, see engine/distributed/sharding.py) a rank builds its share: its
+heads in qkv_proj and out_proj, its part of the FFN in fc1 and fc2, its rows of the vocabulary; the
+outputs of out_proj and fc2 (partial sums) and of the embedding are all-reduced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed.layers import VocabParallelEmbedding
+from engine.distributed.parallel_state import all_gather, all_reduce
+from engine.distributed.sharding import UNSHARDED, Shard, check_divisible, checkpoint_pieces
 from engine.errors import ModelLoadError
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.layernorm import LayerNorm
@@ -84,33 +91,44 @@ class OPTArchitecture:
         return arch
 
 
+class TensorSource(Protocol):
+    """A checkpoint tensor, read (only the part asked for) when indexed: a tensor or a safetensors slice."""
+
+    @property
+    def shape(self) -> tuple[int, ...] | torch.Size: ...
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor: ...
+
+
 class OPTAttention(nn.Module):
-    def __init__(self, arch: OPTArchitecture) -> None:
+    def __init__(self, arch: OPTArchitecture, shard: Shard = UNSHARDED) -> None:
         super().__init__()
-        hidden = arch.hidden_size
-        self.qkv_proj = nn.Linear(hidden, 3 * hidden, bias=arch.enable_bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=arch.enable_bias)
-        self.attn = Attention(arch.num_heads, arch.head_dim, scale=arch.head_dim**-0.5)
+        heads = shard.part(arch.num_heads, "the number of attention heads")  # this rank's heads
+        hidden, local = arch.hidden_size, heads * arch.head_dim
+        self.qkv_proj = nn.Linear(hidden, 3 * local, bias=arch.enable_bias)  # column-parallel: [q_r; k_r; v_r]
+        self.out_proj = nn.Linear(local, hidden, bias=arch.enable_bias)  # row-parallel
+        self.attn = Attention(heads, arch.head_dim, scale=arch.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # [T, 3H] -> 3 x [T, H]
-        return self.out_proj(self.attn(q, k, v, metadata))
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # [T, 3H/N] -> 3 x [T, H/N] (N: tensor-parallel ranks)
+        return all_reduce(self.out_proj(self.attn(q, k, v, metadata)))  # partial sums over the ranks' heads
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, arch: OPTArchitecture) -> None:
+    def __init__(self, arch: OPTArchitecture, shard: Shard = UNSHARDED) -> None:
         super().__init__()
         affine = arch.layer_norm_elementwise_affine
         self.pre_layer_norm = arch.do_layer_norm_before
         self.self_attn_layer_norm = LayerNorm(arch.hidden_size, elementwise_affine=affine)
-        self.self_attn = OPTAttention(arch)
+        self.self_attn = OPTAttention(arch, shard)
         self.final_layer_norm = LayerNorm(arch.hidden_size, elementwise_affine=affine)
-        self.fc1 = nn.Linear(arch.hidden_size, arch.ffn_dim, bias=arch.enable_bias)
+        ffn = shard.part(arch.ffn_dim, "the FFN dimension (ffn_dim)")
+        self.fc1 = nn.Linear(arch.hidden_size, ffn, bias=arch.enable_bias)  # column-parallel
         self.activation: nn.Module = nn.ReLU()  # becomes Identity when W8A8 fc1 fuses the ReLU
-        self.fc2 = nn.Linear(arch.ffn_dim, arch.hidden_size, bias=arch.enable_bias)
+        self.fc2 = nn.Linear(ffn, arch.hidden_size, bias=arch.enable_bias)  # row-parallel
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
+        return all_reduce(self.fc2(self.activation(self.fc1(x))))
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         if self.pre_layer_norm:  # 125m, 1.3b ... 175b
@@ -122,15 +140,16 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, arch: OPTArchitecture) -> None:
+    def __init__(self, arch: OPTArchitecture, shard: Shard = UNSHARDED) -> None:
         super().__init__()
         hidden, embed_dim = arch.hidden_size, arch.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(arch.vocab_size, embed_dim)
+        self.embed_tokens = (nn.Embedding(arch.vocab_size, embed_dim) if shard.world_size == 1
+                             else VocabParallelEmbedding(arch.vocab_size, embed_dim, shard))  # fmt: skip
         self.embed_positions = nn.Embedding(arch.max_position_embeddings + POSITION_OFFSET, hidden)
         projected = embed_dim != hidden
         self.project_in = nn.Linear(embed_dim, hidden, bias=False) if projected else None
         self.project_out = nn.Linear(hidden, embed_dim, bias=False) if projected else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(arch, shard) for _ in range(arch.num_layers))
         affine = arch.layer_norm_elementwise_affine
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine) if arch.has_final_layer_norm else None
 
@@ -151,10 +170,12 @@ class OPTDecoder(nn.Module):
 class OPTForCausalLM(nn.Module):
     """The decoder plus a language-model head tied to the token embedding."""
 
-    def __init__(self, arch: OPTArchitecture) -> None:
+    def __init__(self, arch: OPTArchitecture, shard: Shard = UNSHARDED) -> None:
         super().__init__()
+        check_divisible(arch, shard)
         self.arch = arch
-        self.decoder = OPTDecoder(arch)
+        self.shard = shard
+        self.decoder = OPTDecoder(arch, shard)
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +186,10 @@ class OPTForCausalLM(nn.Module):
         return self.decoder(input_ids, positions, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.decoder.embed_tokens.weight)  # [T, vocab]
+        logits = F.linear(hidden, self.decoder.embed_tokens.weight)  # [T, vocab]; per rank [T, padded vocab / N]
+        if self.shard.world_size == 1:
+            return logits
+        return all_gather(logits, dim=-1)[:, : self.arch.vocab_size]  # drop the padding columns
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -180,45 +204,38 @@ class OPTForCausalLM(nn.Module):
     # Weight loading
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    def load_weights(self, weights: Iterable[tuple[str, TensorSource]]) -> dict[str, int]:
         """Copy checkpoint tensors into this model's parameters and buffers (casting dtypes).
 
         Accepts Hugging Face names (`model.decoder.layers.0.self_attn.q_proj.weight`, or without the
-        `model.` prefix as in the original OPT files) and smoothserve's own names. Returns, per
-        state-dict entry, how many elements were written, so the caller can check completeness.
+        `model.` prefix as in the original OPT files) and smoothserve's own names. Under tensor
+        parallelism only this rank's slice of each source is indexed (read). Returns, per state-dict
+        entry, how many elements were written, so the caller can check completeness.
         """
         targets = self.state_dict(keep_vars=True)
         written: dict[str, int] = {}
-        for name, tensor in weights:
-            for target_name, rows in _checkpoint_name_to_targets(name, self.arch.hidden_size):
-                if target_name not in targets:
+        for name, source in weights:
+            for piece in checkpoint_pieces(name, tuple(source.shape), self.arch, self.shard):
+                if piece.target not in targets:
                     raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this OPT model")
-                destination = targets[target_name]
+                destination = targets[piece.target]
                 destination = destination.data if isinstance(destination, nn.Parameter) else destination
-                if rows is not None:
-                    destination = destination[rows]
-                if tuple(destination.shape) != tuple(tensor.shape):
-                    raise ModelLoadError(
-                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"the model expects {tuple(destination.shape)}"
-                    )
-                destination.copy_(tensor)
-                written[target_name] = written.get(target_name, 0) + tensor.numel()
+                if piece.rows is not None:
+                    destination = destination[piece.rows]
+                if piece.source is None:
+                    destination.zero_()
+                else:
+                    tensor = source[piece.source]
+                    if tuple(destination.shape) != tuple(tensor.shape):
+                        shard = self.shard
+                        where = f" (rank {shard.rank} of {shard.world_size})" if shard.world_size > 1 else ""
+                        raise ModelLoadError(
+                            f"checkpoint tensor {name!r} has shape {tuple(source.shape)}, "
+                            f"the model{where} expects {tuple(destination.shape)}"
+                        )
+                    destination.copy_(tensor)
+                written[piece.target] = written.get(piece.target, 0) + destination.numel()
         return written
 
     def missing_weights(self, written: dict[str, int]) -> list[str]:
         return [name for name, t in self.state_dict().items() if written.get(name, 0) != t.numel()]
-
-
-def _checkpoint_name_to_targets(name: str, hidden: int) -> Iterator[tuple[str, slice | None]]:
-    """Map one checkpoint name to (state-dict name, row slice) pairs; the tied lm_head maps to none."""
-    if name.startswith("model."):
-        name = name[len("model.") :]
-    if name == "lm_head.weight":
-        return  # tied to decoder.embed_tokens.weight
-    for slot, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-        marker = f".self_attn.{proj}."
-        if marker in name:
-            yield name.replace(marker, ".self_attn.qkv_proj."), slice(slot * hidden, (slot + 1) * hidden)
-            return
-    yield name, None
