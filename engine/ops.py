@@ -487,19 +487,23 @@ def prefill_attention(
     and to itself. Without context it runs on the new keys directly (FlashAttention on a GPU); with
     context, the cached prefix is gathered from the blocks (where the new keys were already written)."""
     new = query.shape[0]
-    q = query.transpose(0, 1)  # [H, n, D]
+    # SDPA's fused kernels (FlashAttention, memory-efficient) take 4-D [batch, heads, tokens, dim] only;
+    # 3-D input falls back to the math path, which materializes the [H, n, total] score matrix.
+    q = query.transpose(0, 1)[None]  # [1, H, n, D]
     if context_len == 0:
-        out = F.scaled_dot_product_attention(q, key.transpose(0, 1), value.transpose(0, 1), is_causal=True, scale=scale)
-        return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q, key.transpose(0, 1)[None], value.transpose(0, 1)[None], is_causal=True, scale=scale
+        )
+        return out[0].transpose(0, 1)
     total = context_len + new
     block_size = key_cache.shape[1]
     blocks = block_table[: -(-total // block_size)].long()
-    keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)  # [H, total, D]
-    values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)
+    keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)[None]  # [1, H, total, D]
+    values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)[None]
     # Query i sits at position context_len + i: the causal mask aligned to the lower right.
     mask = causal_lower_right(new, total)
     out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,6 +561,10 @@ if EXTENSION_LOADED:
         rows = x.shape[0] if mode == "per_token" else 1
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
                 x.new_empty(x.shape))  # fmt: skip
+
+    @torch.library.register_fake("smoothserve::write_kv_cache")
+    def _write_kv_cache_fake(key, value, key_cache, value_cache, slots):
+        return None
 
     @torch.library.register_fake("smoothserve::paged_attention_decode")
     def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, seq_lens, scale):
