@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import statistics
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -50,3 +52,22 @@ def copy_bandwidth_gbs(reps: int, device: torch.device | str = "cuda") -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return 2 * src.numel() / statistics.median(times) / 1e6
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    """The markdown lines of a report's target checks (value None: not measured)."""
+    lines = ["## Targets", "", "| target | value | result |", "|---|---|---|"]
+    for t in targets:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = ("pass" if t["pass"] else "FAIL") + ("" if t.get("required", True) else " (not required)")
+        lines.append(f"| {t['target']} | {value} | {verdict} |")
+    return lines
+
+
+def write_report(out: str | Path, name: str, report: dict, markdown: str) -> None:
+    """<out>/<name>-<device>.json and .md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(report["device"])
+    (out / f"{name}-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}-{slug}.md").write_text(markdown)

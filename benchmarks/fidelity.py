@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_slug, provenance
+from benchmarks.common import provenance, targets_table, write_report
 from benchmarks.latency import architecture, fill_random
 from engine.config import QuantConfig
 from engine.models.loader import empty_model
@@ -120,11 +119,7 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Fidelity at scale: {report['device']}", "",
              f"Date {report['date']}, commit {report['commit']}. Random weights with planted outlier channels; "
              f"{report['calib']} calibration and {report['eval']} evaluation windows of {report['seq_len']} random "
-             "tokens; KL(FP16 || W8A8) per position in nats.", "", "## Targets", "",
-             "| target | value | result |", "|---|---|---|"]  # fmt: skip
-    for t in report["targets"]:
-        verdict = ("pass" if t["pass"] else "FAIL") + ("" if t["required"] else " (not required)")
-        lines.append(f"| {t['target']} | {t['value']:.4f} | {verdict} |")
+             "tokens; KL(FP16 || W8A8) per position in nats.", "", *targets_table(report["targets"])]  # fmt: skip
     lines += ["", "| model | level | W8A8 | mean KL | top-1 agreement |", "|---|---|---|---|---|"]
     for model, result in report["results"].items():
         for r in result["variants"]:
@@ -148,12 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: run_model(name, args, device, dtype) for name in args.models.split(",")}
     report = {**provenance(device), "calib": args.calib, "eval": args.eval, "seq_len": args.seq_len,
               "results": results, "targets": evaluate_targets(results)}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(report["device"])
-    (out / f"fidelity-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
-    (out / f"fidelity-{slug}.md").write_text(markdown)
+    write_report(args.out, "fidelity", report, markdown)
     print(markdown)
     return report
 

@@ -13,14 +13,12 @@ copies to exceed the L2 cache, so every call streams them from HBM.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, device_slug, provenance
+from benchmarks.common import copy_bandwidth_gbs, provenance, targets_table, write_report
 from engine import ops
 
 MODELS = {"opt-13b": 5120, "opt-30b": 7168, "opt-66b": 9216, "opt-175b": 12288}
@@ -126,14 +124,8 @@ def to_markdown(report: dict) -> str:
         f"Copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s. CUDA-graph timing: median of {report['reps']} "
         f"replays of {GRAPH_CALLS} calls each.",
         "",
-        "## Targets",
-        "",
-        "| target | value | result |",
-        "|---|---|---|",
+        *targets_table(report["targets"]),
     ]
-    for t in report["targets"]:
-        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-        lines.append(f"| {t['target']} | {value} | {'pass' if t['pass'] else 'FAIL'} |")
     lines += ["", "## W8A8 GEMM (fp16 output, per-token x per-channel scales, bias)", "",
               "| model | layer | M | N | K | ours ms | TOPS | fp16 ms | ×fp16 | int_mm+dq ms | ×int_mm |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -183,12 +175,8 @@ def main() -> None:
         "quantize": quant_rows,
         "targets": evaluate_targets(rows, quant_rows, copy_gbs),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(report["device"])
-    (out / f"kernels-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
-    (out / f"kernels-{slug}.md").write_text(markdown)
+    write_report(args.out, "kernels", report, markdown)
     print(markdown[: markdown.index("## W8A8 GEMM")])
 
 

@@ -26,12 +26,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import copy_bandwidth_gbs, device_slug, provenance
+from benchmarks.common import copy_bandwidth_gbs, provenance, targets_table, write_report
 from engine.config import CacheConfig, QuantConfig, SchedulerConfig
 from engine.layers.layernorm import QuantizingLayerNorm
 from engine.layers.linear import W8A8Linear
@@ -298,13 +297,8 @@ def to_markdown(report: dict) -> str:
         f"Copy bandwidth {_fmt(report['copy_bandwidth_gbs'], 0)} GB/s. Median of {report['reps']} steps; "
         f"decode over {report['context']} cached tokens per sequence; random weights at real OPT shapes.",
         "",
-        "## Targets",
-        "",
-        "| target | value | result |",
-        "|---|---|---|",
+        *targets_table(report["targets"]),
     ]
-    for t in report["targets"]:
-        lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {'pass' if t['pass'] else 'FAIL'} |")
     lines += ["", "## Memory", "", "| model | variant | weights GB | KV capacity (tokens) |", "|---|---|---|---|"]
     for model, variants in report["results"].items():
         for variant, r in variants.items():
@@ -375,12 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
               "prefill_lens": list(settings.prefill_lens), "batches": list(settings.batches),
               "results": results}  # fmt: skip
     report["targets"] = evaluate_targets(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(report["device"])
-    (out / f"latency-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
-    (out / f"latency-{slug}.md").write_text(markdown)
+    write_report(args.out, "latency", report, markdown)
     print(markdown)
     return report
 

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.common import device_slug, git_commit
+from benchmarks.common import git_commit, targets_table, write_report
 
 THROUGHPUT_RATIO_TARGET = 1.6
 SUSTAINED_FRACTION = 0.9
@@ -79,10 +79,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def to_markdown(report: dict) -> str:
     lines = [f"# Serving benchmark: {report['device']}", "",
              f"Date {report['date']}, commit {report['commit']}. Model {report['model']} (random weights); "
-             f"{report['workload']}.", "", "## Targets", "",
-             "| target | value | result |", "|---|---|---|"]  # fmt: skip
-    for t in report["targets"]:
-        lines.append(f"| {t['target']} | {_fmt(t['value'], 3)} | {'pass' if t['pass'] else 'FAIL'} |")
+             f"{report['workload']}.", "", *targets_table(report["targets"])]  # fmt: skip
     lines += ["", "| rate (req/s) | server | done | failed | req/s | output tok/s | TTFT p50 / p99 ms | "
               "ITL p50 / p99 ms | TPOT p50 ms | E2E p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
@@ -108,11 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
                           f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
               **compare(fp16, w8a8)}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(args.device_name)
-    (args.out / f"serving-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = to_markdown(report)
-    (args.out / f"serving-{slug}.md").write_text(markdown)
+    write_report(args.out, "serving", report, markdown)
     print(markdown)
     return report
 
