@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import ops
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.layers.attention import AttentionMetadata
 from engine.models.opt import OPTForCausalLM
@@ -247,7 +248,10 @@ class ModelRunner:
         gib = 2 * len(self.kv_caches) * keys.numel() * keys.element_size() / 1024**3
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size, gib)
         self.graphs: _DecodeGraphs | None = None
-        if device.type == "cuda" and not enforce_eager:
+        if device.type == "cuda" and not enforce_eager and not ops.EXTENSION_LOADED:
+            # The PyTorch references synchronize with the host (boolean-mask indexing), which graphs forbid.
+            logger.warning("CUDA graphs need the compiled extension: decoding eagerly")
+        elif device.type == "cuda" and not enforce_eager:
             max_len = max_model_len or arch.max_position_embeddings
             max_blocks = -(-max_len // cache.block_size)
             self.graphs = _DecodeGraphs(model, min(max_num_seqs, GRAPH_BATCH_SIZES[-1]), max_blocks, device)
