@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import provenance, targets_table, write_report
-from benchmarks.latency import architecture, fill_random
+from benchmarks.latency import architecture
 from engine.config import QuantConfig
-from engine.models.loader import empty_model
+from engine.models.loader import empty_model, fill_random
 from engine.models.opt import OPTArchitecture, OPTForCausalLM
 from engine.quant.calibrate import calibrate
 from engine.quant.quantize import smoothquant
@@ -56,8 +56,8 @@ def plant_outliers(model: OPTForCausalLM, count: int, generator: torch.Generator
 def build_float_model(arch: OPTArchitecture, device: torch.device, dtype: torch.dtype, outliers: int) -> OPTForCausalLM:
     """The same FP16 model every call (seeded), so each variant starts from identical weights."""
     model = empty_model(arch, None, dtype).to_empty(device=device).eval()
+    fill_random(model, seed=0)
     generator = torch.Generator(device=device).manual_seed(0)
-    fill_random(model, generator)
     with torch.no_grad():  # LayerNorm biases small but nonzero, so planting scales them too
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm) and module.bias is not None:

@@ -32,12 +32,11 @@ from torch import nn
 
 from benchmarks.common import copy_bandwidth_gbs, provenance, targets_table, write_report
 from engine.config import CacheConfig, QuantConfig, SchedulerConfig
-from engine.layers.layernorm import QuantizingLayerNorm
-from engine.layers.linear import W8A8Linear
 from engine.model_runner import ModelRunner, determine_num_blocks, kv_bytes_per_block, profile_activation_bytes
-from engine.models.loader import default_dtype, empty_model
+from engine.models.loader import default_dtype, empty_model, fill_random
 from engine.models.opt import OPTArchitecture, OPTForCausalLM
 from engine.models.shapes import OPT_SHAPES
+from engine.quant.quantize import chain_static_requantization
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -73,39 +72,11 @@ def architecture(shape_name: str) -> OPTArchitecture:
 # Random models, built where they run
 
 
-@torch.no_grad()
-def fill_random(model: nn.Module, generator: torch.Generator) -> None:
-    """Weights of a plausible scale: N(0, 0.02) floats (OPT's init), LayerNorms at identity, int8 weights
-    uniform, scales that keep activations O(1). Values do not change the timings; NaNs might."""
-    for module in model.modules():
-        if isinstance(module, W8A8Linear):
-            module.weight.copy_(torch.randint(-127, 128, module.weight.shape, generator=generator,
-                                              device=module.weight.device, dtype=torch.int8))  # fmt: skip
-            module.weight_scale.fill_(0.02 / 127)
-            if module.bias is not None:
-                module.bias.zero_()
-            if module.input_scale is not None:
-                module.input_scale.fill_(4.0 / 127)
-        elif isinstance(module, QuantizingLayerNorm):
-            if module.weight is not None:
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            if module.output_scale is not None:
-                module.output_scale.fill_(4.0 / 127)
-        elif isinstance(module, nn.LayerNorm):
-            if module.weight is not None:
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-        elif isinstance(module, nn.Linear | nn.Embedding):
-            module.weight.normal_(0.0, 0.02, generator=generator)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-
-
 def build_model(arch: OPTArchitecture, variant: str, settings: Settings) -> OPTForCausalLM:
     quant = QuantConfig(level=variant.split("-")[1]) if variant.startswith("w8a8") else None
     model = empty_model(arch, quant, settings.dtype).to_empty(device=settings.device).eval()
-    fill_random(model, torch.Generator(device=settings.device).manual_seed(0))
+    fill_random(model, seed=0)
+    chain_static_requantization(model)
     return model
 
 
@@ -117,7 +88,7 @@ def build_hf_model(arch: OPTArchitecture, settings: Settings) -> nn.Module:
     config = OPTConfig(**shape.to_hf_config(arch.vocab_size))
     with torch.device(settings.device), default_dtype(settings.dtype):
         model = HFOPTForCausalLM(config).eval()
-    fill_random(model, torch.Generator(device=settings.device).manual_seed(0))
+    fill_random(model, seed=0)  # by state-dict names, which transformers' OPT shares with ours
     return model
 
 

@@ -366,7 +366,9 @@ def w8a8_gemm_int8_out(
     _check(w.shape[1] == k, f"{name} K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
     _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
     _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
-    _check(bias is None or (bias.numel() == n and bias.dtype in (torch.float16, torch.bfloat16)),
+    # The kernels take a bias of their activation dtype; float32 models exist on the CPU only.
+    bias_dtypes = (torch.float16, torch.bfloat16) if a.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
+    _check(bias is None or (bias.numel() == n and bias.dtype in bias_dtypes),
            f"{name}: bias must be float16 or bfloat16 with {n} elements")  # fmt: skip
     _check(out_scale.dtype == torch.float32 and out_scale.numel() == 1, f"{name}: out_scale must be float32 [1]")
     _check(k % 16 == 0 and n % 16 == 0, f"{name} needs K and N to be multiples of 16, got K={k}, N={n}")

@@ -101,3 +101,32 @@ def test_add_and_norm_quantizing_matches_float_add_then_norm(mode: str) -> None:
     assert torch.equal(q_summed, summed)
     dequantized = quantized.data.float() * quantized.scale.reshape(-1, 1)
     assert (dequantized - normed).abs().max().item() <= quantized.scale.max().item() / 2 + 1e-5
+
+
+def test_o3_fc1_requantizes_for_fc2_in_its_epilogue(tiny_outlier_model_dir) -> None:
+    """O3: fc1's GEMM writes fc2's int8 input (by fc2's static scale) instead of fp output quantized again;
+    the model computes what the unchained one does, up to rounding ties."""
+    from engine.config import QuantConfig
+    from engine.quant.calibrate import calibrate
+    from engine.quant.quantize import chain_static_requantization, smoothquant
+    from tests.conftest import load_cpu
+
+    model = load_cpu(tiny_outlier_model_dir).model
+    tokens = torch.randint(4, model.arch.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    smoothquant(model, QuantConfig(level="O3", alpha=0.5), calibrate(model, tokens, progress=False))
+    layers = model.decoder.layers
+    assert all(layer.fc1.requantize_scale is layer.fc2.input_scale for layer in layers)
+    assert not any("requantize" in name for name in model.state_dict())  # never saved twice
+
+    normed = layers[0].final_layer_norm(torch.randn(5, model.arch.hidden_size))
+    handed_over = layers[0].fc1(normed)
+    assert isinstance(handed_over, ops.QuantizedActivation) and handed_over.data.dtype == torch.int8
+    assert handed_over.scale is layers[0].fc2.input_scale
+
+    chained = model.score(tokens)
+    for layer in layers:
+        layer.fc1.requantize_scale = None
+    unchained = model.score(tokens)
+    assert (chained.argmax(-1) == unchained.argmax(-1)).float().mean() >= 0.98
+    torch.testing.assert_close(chained, unchained, atol=0.05, rtol=0.0)
+    assert chain_static_requantization(model) == len(layers)

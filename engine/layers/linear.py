@@ -47,6 +47,10 @@ class W8A8Linear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
         static = act_quant == "per_tensor_static"
         self.register_buffer("input_scale", torch.empty(1, dtype=torch.float32, device=device) if static else None)
+        # The next layer's static input scale (O3 fc1 -> fc2), set by `chain_static_requantization`: the
+        # GEMM epilogue then writes that layer's int8 input directly. Not a buffer: it *is* the next
+        # layer's `input_scale`, so it is never saved twice or loaded out of step.
+        self.requantize_scale: torch.Tensor | None = None
 
     @classmethod
     def from_float(
@@ -80,7 +84,7 @@ class W8A8Linear(nn.Module):
             qlinear.input_scale.copy_(input_scale.reshape(1))
         return qlinear
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor | QuantizedActivation:
         if isinstance(x, QuantizedActivation):
             qx, lead_shape = x, x.data.shape[:-1]
         elif self.act_quant is None:
@@ -88,6 +92,12 @@ class W8A8Linear(nn.Module):
         else:
             lead_shape = x.shape[:-1]
             qx = ops.quantize_activation(x.reshape(-1, self.in_features), self.act_quant, self.input_scale)
+        if self.requantize_scale is not None:
+            data = ops.w8a8_gemm_int8_out(
+                qx.data.reshape(-1, self.in_features), self.weight, qx.scale, self.weight_scale, self.bias,
+                relu=self.fuse_relu, out_scale=self.requantize_scale,
+            )  # fmt: skip
+            return QuantizedActivation(data.reshape(*lead_shape, self.out_features), self.requantize_scale, qx.dtype)
         out = ops.w8a8_gemm(
             qx.data.reshape(-1, self.in_features),
             self.weight,

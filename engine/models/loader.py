@@ -268,6 +268,8 @@ def _random_shape_architecture(name: str) -> OPTArchitecture:
 def load_model(config: ModelConfig, shard: Shard = UNSHARDED, device: torch.device | None = None) -> LoadedModel:
     """Read config.json (and quant_config.json), build the model (this rank's share of it, on `device`,
     by default the configured one), and stream the weights into it, or fill it at random."""
+    from engine.quant.quantize import chain_static_requantization
+
     random_shape = config.model.startswith(RANDOM_SHAPE_PREFIX)
     if random_shape and config.load_format != "random":
         raise ModelLoadError(f"{config.model!r} names a shape, not weights: it needs load_format 'random'")
@@ -281,6 +283,7 @@ def load_model(config: ModelConfig, shard: Shard = UNSHARDED, device: torch.devi
         quant = config.quant if config.quantization == "w8a8" else quant
         model = empty_model(arch, quant, dtype, shard).to_empty(device=device)
         fill_random(model, config.seed)
+        chain_static_requantization(model)
         model.eval()
         logger.info("random %s weights for %s (%s, %s)", "W8A8" if quant else "float", config.model, dtype, device)
         return LoadedModel(model=model, arch=arch, quant=quant, model_dir=model_dir, device=device, dtype=dtype)
@@ -293,6 +296,7 @@ def load_model(config: ModelConfig, shard: Shard = UNSHARDED, device: torch.devi
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint in {model_dir} lacks {len(missing)} tensors: {shown}")
+    chain_static_requantization(model)
     model.eval()
     logger.info("loaded %s (%s, %s, %s)", model_dir, "W8A8 " + quant.level if quant else "float", dtype, device)
     return LoadedModel(model=model, arch=arch, quant=quant, model_dir=model_dir, device=device, dtype=dtype)
