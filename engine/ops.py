@@ -369,7 +369,7 @@ def w8a8_gemm_int8_out(
     # The kernels take a bias of their activation dtype; float32 models exist on the CPU only.
     bias_dtypes = (torch.float16, torch.bfloat16) if a.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
     _check(bias is None or (bias.numel() == n and bias.dtype in bias_dtypes),
-           f"{name}: bias must be float16 or bfloat16 with {n} elements")  # fmt: skip
+           f"{name}: bias must be float16 or bfloat16 (float32 on the CPU) with {n} elements")  # fmt: skip
     _check(out_scale.dtype == torch.float32 and out_scale.numel() == 1, f"{name}: out_scale must be float32 [1]")
     _check(k % 16 == 0 and n % 16 == 0, f"{name} needs K and N to be multiples of 16, got K={k}, N={n}")
     op = _cuda_op_or_none(name, a)

@@ -129,8 +129,8 @@ def test_int8_out_rejects_bad_operands() -> None:
     a, w = _int8((4, 32), 1), _int8((16, 32), 2)
     ones_m, ones_n, scale = torch.ones(4), torch.ones(16), torch.tensor([0.1])
     with pytest.raises(ValueError, match="bias must be float16 or bfloat16"):
-        ops.w8a8_gemm_int8_out(a, w, ones_m, ones_n, torch.zeros(16), False, scale)
-    with pytest.raises(ValueError, match="bias must be float16 or bfloat16 with 16 elements"):
+        ops.w8a8_gemm_int8_out(a, w, ones_m, ones_n, torch.zeros(16, dtype=torch.float64), False, scale)
+    with pytest.raises(ValueError, match=r"bias must be float16 or bfloat16 \(float32 on the CPU\) with 16 elements"):
         ops.w8a8_gemm_int8_out(a, w, ones_m, ones_n, torch.zeros(8, dtype=torch.float16), False, scale)
     with pytest.raises(ValueError, match="out_scale must be float32"):
         ops.w8a8_gemm_int8_out(a, w, ones_m, ones_n, None, False, torch.tensor([0.1, 0.2]))
