@@ -124,6 +124,35 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch) -> None:
         resolve_model_dir("facebook/opt-125m-smoothserve-test-absent")
 
 
+def test_hub_download_fetches_weights_only_when_needed(monkeypatch, tmp_path) -> None:
+    """Random weights need config and tokenizer files only; a cached copy without weights (from a random
+    run) does not satisfy a real load, which then downloads them."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    config_only = tmp_path / "snapshot"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{}")
+    calls: list[dict] = []
+
+    def fake_snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None):
+        calls.append({"local_files_only": local_files_only, "allow_patterns": allow_patterns})
+        return str(config_only)
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert resolve_model_dir("facebook/opt-13b", weights=False) == config_only
+    assert calls == [{"local_files_only": True, "allow_patterns": None}]  # the cached configs serve
+    calls.clear()
+    resolve_model_dir("facebook/opt-13b")
+    assert calls[-1] == {"local_files_only": False, "allow_patterns": ["*.json", "*.txt", "*.safetensors"]}
+
+
 def test_shards_are_read_one_at_a_time(tiny_model_dir, reference, tmp_path) -> None:
     """The second shard is not opened before the first one's tensors have been consumed."""
     from engine.models.loader import iterate_checkpoint

@@ -71,8 +71,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
-def resolve_model_dir(name: str, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub name, downloaded (or found in the cache)."""
+def resolve_model_dir(name: str, revision: str | None = None, weights: bool = True) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub name, downloaded (or found in the cache).
+    `weights=False` fetches the configuration and tokenizer files only (random weights need no more)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -80,14 +81,17 @@ def resolve_model_dir(name: str, revision: str | None = None) -> Path:
         raise ModelLoadError(f"model path {name} is a file, not a directory")
     if name.startswith((".", "/", "~")) or not _HUB_NAME.match(name):
         raise ModelLoadError(f"model directory not found: {name}")
-    return _download_from_hub(name, revision)
+    return _download_from_hub(name, revision, weights)
 
 
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None, weights: bool) -> Path:
     from huggingface_hub import HfApi, constants, snapshot_download
 
     try:  # a copy already in the local Hugging Face cache needs no network
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        # (a cached copy made for random weights holds no weight files: fetch them now)
+        if not weights or any(cached.glob("*.safetensors")) or any(cached.glob("*.bin")):
+            return cached
     except Exception:
         pass
     if constants.HF_HUB_OFFLINE:
@@ -96,9 +100,11 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
             "from the Hugging Face hub (HF_HUB_OFFLINE is set); download it first and pass its directory"
         )
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.txt", weights]))
+        patterns = ["*.json", "*.txt"]
+        if weights:
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+            patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as error:  # network, auth, unknown repo: all mean "cannot get it"
         raise ModelLoadError(
             f"model {repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
@@ -273,7 +279,8 @@ def load_model(config: ModelConfig, shard: Shard = UNSHARDED, device: torch.devi
     random_shape = config.model.startswith(RANDOM_SHAPE_PREFIX)
     if random_shape and config.load_format != "random":
         raise ModelLoadError(f"{config.model!r} names a shape, not weights: it needs load_format 'random'")
-    model_dir = None if random_shape else resolve_model_dir(config.model, config.revision)
+    weights = config.load_format != "random"
+    model_dir = None if random_shape else resolve_model_dir(config.model, config.revision, weights=weights)
     arch = _random_shape_architecture(config.model) if model_dir is None else read_architecture(model_dir)
     quant = None if model_dir is None else read_quant_config(model_dir)
     device = device or resolve_device(config.device)
