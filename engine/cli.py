@@ -132,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(
         model=ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
                           quantization=args.quantization, quant=QuantConfig(level=args.level),
-                          max_model_len=args.max_model_len, load_format=args.load_format),
+                          max_model_len=args.max_model_len, load_format=args.load_format,
+                          enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           num_cpu_blocks=args.num_cpu_blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model may then be random:<shape>, e.g. random:opt-175b, with --tokenizer",
     )
     serve_parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    serve_parser.add_argument(
+        "--enforce-eager", action="store_true", help="run every step eagerly (no CUDA graphs for decode steps)"
+    )
     serve_parser.set_defaults(func=cmd_serve)
 
     evaluate = commands.add_parser("eval", help="evaluate models (FP16, W8A8, or variants compared) on a task")
