@@ -259,6 +259,19 @@ def test_w8a8_gemm_int8_out_rounds_exact_ties_half_to_even(monkeypatch: pytest.M
     assert torch.equal(q.long(), torch.round(acc.double() / 2).long().clamp(-128, 127))
 
 
+@pytest.mark.parametrize("stream_k", ["0", "1"])
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 8192), (7, 768, 3072), (33, 2048, 16384), (300, 512, 8192)])
+def test_sm80_stream_k_and_data_parallel_schedules(monkeypatch, stream_k: str, m: int, n: int, k: int) -> None:
+    """The sm80 kernels' two schedules (SMOOTHSERVE_SM80_STREAMK): few output tiles and a long K, so that
+    stream-K splits K across CTAs (peer reduction of int32 partials before the visitor epilogue)."""
+    monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", "sm80")
+    monkeypatch.setenv("SMOOTHSERVE_SM80_STREAMK", stream_k)
+    _check_gemm(m, n, k, seed=m + k, per_token=True, per_channel=True, with_bias=True, relu=False,
+                dtype=torch.float16)  # fmt: skip
+    case = _int8_out_case(m, n, k, m + n, True, True, torch.bfloat16, False)
+    _assert_int8_out_exact(*case[:5], False, case[5])
+
+
 ACTIVATION_SHAPES = [(1, 768), (7, 2048), (33, 5120), (257, 7168), (1024, 12288), (8192, 5120), (3, 49152)]
 
 

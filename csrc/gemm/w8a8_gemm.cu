@@ -91,9 +91,22 @@ void run_sm90(const char* op, const GemmProblem& p, const torch::Tensor& like) {
   }
 }
 
+// SMOOTHSERVE_SM80_STREAMK=1 lets the sm80 kernels split K across CTAs (stream-K); unset or 0, they
+// run whole tiles data-parallel (w8a8_gemm_sm80.cuh says why that is the default). Read on every call,
+// like SMOOTHSERVE_GEMM_ARCH, so that a test can compare the two in one process.
+bool sm80_stream_k(const char* op) {
+  const char* env = std::getenv("SMOOTHSERVE_SM80_STREAMK");
+  const std::string value = env == nullptr ? "" : env;
+  TORCH_CHECK(value.empty() || value == "0" || value == "1", op, ": SMOOTHSERVE_SM80_STREAMK must be 0 or 1, got '",
+              value, "'");
+  return value == "1";
+}
+
 template <typename ElementOut, typename ElementBias>
-void run_sm80(const char* op, const GemmProblem& p, const torch::Tensor& like) {
+void run_sm80(const char* op, const GemmProblem& problem, const torch::Tensor& like) {
   using sm80::GemmConfig;
+  GemmProblem p = problem;
+  p.stream_k = sm80_stream_k(op);
   auto launch = [&](auto config_tag) {
     constexpr GemmConfig C = decltype(config_tag)::value;
     run_kernel(op, p, like, &sm80::workspace_size<C, ElementOut, ElementBias>, &sm80::run<C, ElementOut, ElementBias>);
@@ -131,6 +144,9 @@ std::tuple<int64_t, int64_t, int64_t> check_operands(const char* op, const torch
   TORCH_CHECK(a.is_contiguous() && w.is_contiguous(), op, ": a and w must be contiguous");
   const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
   TORCH_CHECK(k % 16 == 0 && n % 16 == 0, op, ": K and N must be multiples of 16, got K=", k, ", N=", n);
+  // K = 0 would reach CUTLASS's host-side tile arithmetic as a division by zero (FastDivmod of 0
+  // iterations per tile in the stream-K swizzle): a crash of the process, not an error.
+  TORCH_CHECK(k > 0, op, ": K must be positive");
   TORCH_CHECK(aligned16(a) && aligned16(w), op, ": a and w must be 16-byte aligned");
   TORCH_CHECK(a_scale.scalar_type() == torch::kFloat && w_scale.scalar_type() == torch::kFloat, op,
               ": scales must be float32");

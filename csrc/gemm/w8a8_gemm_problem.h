@@ -23,6 +23,10 @@ struct GemmProblem {
   bool a_scale_per_token;
   bool w_scale_per_channel;
   bool relu;
+  // sm80 kernels only (the sm90 ones always run their stream-K scheduler): let CUTLASS 2.x stream-K
+  // split K across CTAs. Off (the default), the same kernel runs whole tiles data-parallel; see
+  // w8a8_gemm_sm80.cuh for why. The dispatcher sets it from SMOOTHSERVE_SM80_STREAMK.
+  bool stream_k = false;
 };
 
 }  // namespace smoothserve

@@ -1,8 +1,8 @@
 // The Ampere-class (sm80) W8A8 GEMM's interface, without CUTLASS's heavy headers (for the dispatcher).
 //
-// CUTLASS 2.x: int8 mma.sync.m16n8k32 tensor cores, a multistage cp.async mainloop, stream-K tile
-// scheduling and an epilogue visitor tree (EVT) with the same semantics as the sm90 kernel
-// (w8a8_gemm_problem.h). It runs on sm_80/86/87/89, and on Hopper through its sm_90a SASS
+// CUTLASS 2.x: int8 mma.sync.m16n8k32 tensor cores, a multistage cp.async mainloop, data-parallel
+// (opt-in stream-K) tile scheduling and an epilogue visitor tree (EVT) with the same semantics as the
+// sm90 kernel (w8a8_gemm_problem.h). It runs on sm_80/86/87/89, and on Hopper through its sm_90a SASS
 // (SMOOTHSERVE_GEMM_ARCH=sm80, for testing), where mma.sync still exists.
 #pragma once
 
@@ -20,8 +20,9 @@
 namespace smoothserve::sm80 {
 
 // Tile configurations (threadblock M x N x K, warp tile, pipeline stages), chosen by the number of
-// tokens M; all use stream-K, which splits K across CTAs when the output has too few tiles to fill
-// the GPU (decode) and runs whole tiles data-parallel otherwise:
+// tokens M. All are built on CUTLASS's stream-K kernel; it runs whole tiles data-parallel unless
+// GemmProblem::stream_k (SMOOTHSERVE_SM80_STREAMK=1) lets it split K across CTAs when the output has
+// too few tiles to fill the GPU (decode):
 //   kM32    M <= 32    32x128x128, warps 32x32x128 (4), 4 stages, 80 KiB smem: decode is bound by the
 //                      weight stream; a short M tile wastes little, long K stages keep bytes in flight
 //   kM128   M <= 128   64x128x128, warps 32x64x128 (4), 3 stages, 72 KiB
