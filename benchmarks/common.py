@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -37,6 +38,13 @@ def provenance(device: torch.device) -> dict[str, str | None]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last model left behind (cycles included) before the next one is built."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth_gbs(reps: int, device: torch.device | str = "cuda") -> float:

@@ -16,13 +16,12 @@ naive O1's. CPU smoke run: --device cpu --models tiny --calib 2 --eval 2 --seq-l
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import provenance, targets_table, write_report
+from benchmarks.common import provenance, release_memory, targets_table, write_report
 from benchmarks.latency import architecture
 from engine.config import QuantConfig
 from engine.models.loader import empty_model, fill_random
@@ -91,9 +90,7 @@ def run_model(shape_name: str, args: argparse.Namespace, device: torch.device, d
     del model
     rows = []
     for level, alpha in VARIANTS:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
         model = build_float_model(arch, device, dtype, outliers)
         smoothquant(model, QuantConfig(level=level, alpha=alpha), stats)
         rows.append({"level": level, "smoothed": alpha is not None, "alpha": alpha,

@@ -19,10 +19,8 @@ CPU smoke run (for CI; the numbers mean nothing): --device cpu --models tiny --p
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.common import copy_bandwidth_gbs, provenance, targets_table, write_report
+from benchmarks.common import copy_bandwidth_gbs, provenance, release_memory, targets_table, write_report
 from engine.config import CacheConfig, QuantConfig, SchedulerConfig
+from engine.eval.timing import timed
 from engine.model_runner import ModelRunner, determine_num_blocks, kv_bytes_per_block, profile_activation_bytes
 from engine.models.loader import default_dtype, empty_model, fill_random
 from engine.models.opt import OPTArchitecture, OPTForCausalLM
@@ -101,22 +100,10 @@ def model_bytes(model: nn.Module) -> int:
 # Timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn: Callable[[], object], settings: Settings, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(settings.reps):
-        synchronize(settings.device)
-        start = time.perf_counter()
-        fn()
-        synchronize(settings.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(settings.device, fn)[1] * 1e3 for _ in range(settings.reps))
 
 
 @contextmanager
@@ -125,9 +112,7 @@ def released(device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
 
 
 def _blocks_for(tokens: int) -> int:
@@ -214,9 +199,7 @@ def bench_transformers(arch: OPTArchitecture, settings: Settings, copy_gbs: floa
             except torch.OutOfMemoryError:
                 row.update(ms=None, note="out of memory")
             result["decode"].append(row)
-            gc.collect()
-            if settings.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(settings.device)
     return result
 
 

@@ -29,7 +29,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplerOutput, SamplingParams, SamplingRow, sample
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.sequence import Sequence, SequenceStatus
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, encode_prompt, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,10 @@ class LLMEngine:
         self.max_model_len = max_model_len(config, loaded.arch.max_position_embeddings)
         if executor:  # every rank sizes its cache at once (a GPU profiles with collectives); all take the least
             executor.send_all("kv_cache_blocks")
-            mine = kv_cache_blocks(self.model, config, self.device, self.dtype, self.max_model_len)
-            num_blocks = min(mine, *executor.collect("sizing the KV cache"))
+        num_blocks = kv_cache_blocks(self.model, config, self.device, self.dtype, self.max_model_len)
+        if executor:
+            num_blocks = min(num_blocks, *executor.collect("sizing the KV cache"))
             executor.send_all("build_runner", num_blocks)
-        else:
-            num_blocks = kv_cache_blocks(self.model, config, self.device, self.dtype, self.max_model_len)
         block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, block_manager)
         self.runner = ModelRunner(
@@ -127,14 +126,17 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError for an empty prompt or one that cannot fit the context."""
+        """Queue a request. Raises ValueError for an empty prompt or one that cannot fit the context.
+
+        `prompt_token_ids`: a text prompt's `encode_prompt` ids, where the caller has them already (the
+        server tokenizes off its event loop for admission; the engine thread need not do it again).
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        if text is not None:
-            text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for lone surrogates
-        prompt_ids = [self.tokenizer.bos_token_id, *self.tokenizer.encode(prompt)] if text is not None else list(prompt)
+        prompt_ids = list(prompt_token_ids) if prompt_token_ids is not None else encode_prompt(self.tokenizer, prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         limit = min(self.max_model_len, self.scheduler.max_seq_len)
@@ -182,6 +184,8 @@ class LLMEngine:
             return []
         try:
             model_output = self.runner.execute(scheduled, self.scheduler.sequences)
+            if self.executor is not None:
+                self.executor.wait_step()
         except Exception as error:
             if self.executor is None:
                 raise

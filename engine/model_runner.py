@@ -130,6 +130,12 @@ class StepBatch:
         return [context + 1 for context in self.context_lens[: self.num_decodes]]
 
 
+def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one host tensor, int32 [len(tables), widest table], short rows padded with block 0."""
+    widest = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (widest - len(t)) for t in tables], dtype=torch.int32)
+
+
 class _DecodeGraphs:
     """CUDA graphs of the decode step, one per batch bucket, sharing static input buffers and one memory pool.
 
@@ -211,8 +217,8 @@ class _DecodeGraphs:
         self.slots[:size].copy_(host(batch.slots, torch.long, -1), non_blocking=True)
         self.seq_lens[:size].copy_(host(batch.decode_lens, torch.int32, 0), non_blocking=True)
         padded = torch.zeros((size, width), dtype=torch.int32)
-        for row, table in enumerate(batch.block_tables):
-            padded[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        tables = _padded_tables(batch.block_tables)  # one conversion, not one per row: this is per step
+        padded[:count, : tables.shape[1]] = tables
         self.block_tables[:size].copy_(padded, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size][:count]
@@ -291,20 +297,21 @@ class ModelRunner:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        # Every host-to-device copy before the forward: one after it would wait for the GPU mid-step (on rank 0,
+        # inside the step's collectives, where `TensorParallelExecutor.wait_step` could not time it out).
+        every_row = len(batch.sample_rows) == len(batch.input_ids)
+        sample_rows = None if every_row else tensor(batch.sample_rows, torch.long)
         if self.graphs is not None and batch.decode_only and len(batch.seq_lens) <= self.graphs.max_batch:
             hidden = self.graphs.run(batch)
         else:
-            tables = batch.block_tables
-            widest = max(len(t) for t in tables)
             metadata = AttentionMetadata(
                 seq_lens=tuple(batch.seq_lens),
                 context_lens=tuple(batch.context_lens),
                 slot_mapping=tensor(batch.slots, torch.long),
-                block_tables=tensor([t + [0] * (widest - len(t)) for t in tables], torch.int32),
+                block_tables=_padded_tables(batch.block_tables).to(self.device),
                 num_decodes=batch.num_decodes,
                 decode_seq_lens=tensor(batch.decode_lens, torch.int32) if batch.num_decodes else None,
             )
             hidden = self.model(tensor(batch.input_ids, torch.long), tensor(batch.positions, torch.long), metadata)
-        every_row = len(batch.sample_rows) == hidden.shape[0]
-        sampled = hidden if every_row else hidden[tensor(batch.sample_rows, torch.long)]
+        sampled = hidden if sample_rows is None else hidden[sample_rows]
         return self.model.compute_logits(sampled)

@@ -244,6 +244,21 @@ def int8_matmul_exact(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return int8_matmul_float64(a, w)
 
 
+def _check_gemm_operands(
+    name: str, a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor
+) -> int:
+    """The checks every W8A8 GEMM shares (operands, scales, the kernels' multiples of 16); returns N."""
+    _check(a.dtype == torch.int8 and w.dtype == torch.int8, f"{name} needs int8 operands, got {a.dtype}, {w.dtype}")
+    _check(a.dim() == 2 and w.dim() == 2, f"{name} operands must be 2-D")
+    m, k = a.shape
+    n = w.shape[0]
+    _check(w.shape[1] == k, f"{name} K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
+    _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
+    _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
+    _check(k % 16 == 0 and n % 16 == 0, f"{name} needs K and N to be multiples of 16, got K={k}, N={n}")
+    return n
+
+
 def w8a8_gemm_reference(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -276,16 +291,9 @@ def w8a8_gemm(
     a: int8 [M, K] row-major; w: int8 [N, K] (K-major, as nn.Linear stores weights);
     a_scale: float32 [M] (per token) or [1]; w_scale: float32 [N] (per channel) or [1].
     """
-    _check(a.dtype == torch.int8 and w.dtype == torch.int8, f"w8a8_gemm needs int8 operands, got {a.dtype}, {w.dtype}")
-    _check(a.dim() == 2 and w.dim() == 2, "w8a8_gemm operands must be 2-D")
-    m, k = a.shape
-    n = w.shape[0]
-    _check(w.shape[1] == k, f"w8a8_gemm K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
-    _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
-    _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
+    n = _check_gemm_operands("w8a8_gemm", a, w, a_scale, w_scale)
     _check(bias is None or bias.numel() == n, f"bias must have {n} elements")
     _check(out_dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported output dtype {out_dtype}")
-    _check(k % 16 == 0 and n % 16 == 0, f"w8a8_gemm needs K and N to be multiples of 16, got K={k}, N={n}")
     op = _cuda_op_or_none("w8a8_gemm", a)
     if op is not None:
         _check(out_dtype != torch.float32, "the CUDA W8A8 GEMM writes float16 or bfloat16; run W8A8 models in those")
@@ -359,19 +367,12 @@ def w8a8_gemm_int8_out(
     (added in float32), out_scale float32 [1] (the next layer's static activation scale).
     """
     name = "w8a8_gemm_int8_out"
-    _check(a.dtype == torch.int8 and w.dtype == torch.int8, f"{name} needs int8 operands, got {a.dtype}, {w.dtype}")
-    _check(a.dim() == 2 and w.dim() == 2, f"{name} operands must be 2-D")
-    m, k = a.shape
-    n = w.shape[0]
-    _check(w.shape[1] == k, f"{name} K mismatch: a is {tuple(a.shape)}, w is {tuple(w.shape)}")
-    _check(a_scale.dtype == torch.float32 and a_scale.numel() in (1, m), f"a_scale must be float32 [{m}] or [1]")
-    _check(w_scale.dtype == torch.float32 and w_scale.numel() in (1, n), f"w_scale must be float32 [{n}] or [1]")
+    n = _check_gemm_operands(name, a, w, a_scale, w_scale)
     # The kernels take a bias of their activation dtype; float32 models exist on the CPU only.
     bias_dtypes = (torch.float16, torch.bfloat16) if a.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
     _check(bias is None or (bias.numel() == n and bias.dtype in bias_dtypes),
            f"{name}: bias must be float16 or bfloat16 (float32 on the CPU) with {n} elements")  # fmt: skip
     _check(out_scale.dtype == torch.float32 and out_scale.numel() == 1, f"{name}: out_scale must be float32 [1]")
-    _check(k % 16 == 0 and n % 16 == 0, f"{name} needs K and N to be multiples of 16, got K={k}, N={n}")
     op = _cuda_op_or_none(name, a)
     if op is not None:
         return op(a, w, a_scale.contiguous(), w_scale.contiguous(), bias, relu, out_scale.reshape(1))
@@ -446,7 +447,13 @@ def paged_attention_decode_reference(
     return torch.einsum("bht,bthd->bhd", probs, values).to(query.dtype)
 
 
+_DECODE_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _DECODE_KERNEL_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def decode_kernel_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the CUDA decode kernel takes this dtype and head dim (`paged_attention_decode` refuses the rest)."""
+    return dtype in _DECODE_KERNEL_DTYPES and head_dim in _DECODE_KERNEL_HEAD_DIMS
 
 
 def paged_attention_decode(
@@ -467,8 +474,8 @@ def paged_attention_decode(
     op = _cuda_op_or_none("paged_attention_decode", query)
     if op is not None:
         name = "paged_attention_decode"
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        _check(half, f"{name}: the CUDA kernel takes float16 or bfloat16, not {query.dtype}")
+        _check(query.dtype in _DECODE_KERNEL_DTYPES,
+               f"{name}: the CUDA kernel takes float16 or bfloat16, not {query.dtype}")  # fmt: skip
         _check(query.shape[2] in _DECODE_KERNEL_HEAD_DIMS,
                f"{name}: head_dim {query.shape[2]} is not one of {_DECODE_KERNEL_HEAD_DIMS}")  # fmt: skip
         return op(query, key_cache, value_cache, block_tables, seq_lens, scale)

@@ -41,3 +41,11 @@ def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
     # The engine enforces the model's context length; the tokenizer's own limit only adds warnings.
     hf_tokenizer.model_max_length = 1 << 62
     return Tokenizer(hf_tokenizer)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """The token ids the model sees: a text gets OPT's BOS token in front; token ids are taken as given."""
+    if isinstance(prompt, str):
+        prompt.encode("utf-8")  # UnicodeEncodeError (a ValueError) for lone surrogates
+        return [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
+    return list(prompt)

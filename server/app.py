@@ -22,7 +22,7 @@ from engine.config import ServerConfig
 from engine.errors import ConfigError
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, encode_prompt
 from server.engine_client import EngineClient, EngineDeadError, ServerShuttingDownError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (
@@ -47,6 +47,7 @@ MAX_BODY_BYTES = 8 * 1024**2
 RETRY_AFTER_QUEUE_FULL_S = 1
 RETRY_AFTER_SHUTDOWN_S = 5
 PUBLIC_PATHS = ("/health", "/ready")
+ENGINE_FAILED = "the engine failed while serving this request"
 
 
 class APIError(Exception):
@@ -56,9 +57,15 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
+def error_envelope(status: int, message: str, kind: str = "invalid_request_error",
+                   param: str | None = None) -> ErrorResponse:  # fmt: skip
+    """The OpenAI error envelope, as a JSON reply and as an SSE error event."""
+    return ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=str(status)))
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=str(status)))
+    body = error_envelope(status, message, kind, param)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -308,13 +315,14 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             check_token_ids(state, prompt, "prompt")
     # Off the event loop: a prompt may be megabytes of text. Nothing below awaits until `generate`, so
     # admission sees a consistent queue and no request slips in after a drain has begun.
-    prompt_lengths = await asyncio.to_thread(count_prompt_tokens, state.tokenizer, prompts)
+    prompt_ids = await asyncio.to_thread(lambda: [encode_prompt(state.tokenizer, p) for p in prompts])
+    prompt_lengths = [len(ids) for ids in prompt_ids]
     admit(state, prompt_lengths)
     params = sampling_params(body)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     log = CompletionLog(completion_id, sum(prompt_lengths), body.n, time.monotonic(), {})
-    streams = [state.client.generate(f"{completion_id}-{i}", prompt, params, num_prompt_tokens=length)
-               for i, (prompt, length) in enumerate(zip(prompts, prompt_lengths, strict=True))]  # fmt: skip
+    streams = [state.client.generate(f"{completion_id}-{i}", prompt, params, ids)
+               for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))]  # fmt: skip
     if body.stream:
         return StreamingResponse(stream_completion(state, body, log, streams), media_type="text/event-stream")
     work = asyncio.ensure_future(collect_all(state, streams, log))
@@ -331,17 +339,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     try:
         finals = raise_engine_errors(work)
     except APIError as error:
-        log.emit(len(prompts), "shutdown" if error.status == 503 else "error")
+        log.emit(len(prompts), cut_short(error))
         raise
     log.emit(len(prompts))
     choices = [choice(state, body, i, j, final) for i, final in enumerate(finals) for j in range(body.n)]
     return JSONResponse(CompletionResponse(id=completion_id, model=state.model_name, choices=choices,
                                            usage=usage(finals)).model_dump())  # fmt: skip
-
-
-def count_prompt_tokens(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[int]:
-    """Prompt lengths as the engine will see them (text gets a BOS token)."""
-    return [len(p) if isinstance(p, list) else 1 + len(tokenizer.encode(p)) for p in prompts]
 
 
 def admit(state: ServerState, prompt_lengths: list[int]) -> None:
@@ -366,17 +369,27 @@ def admit(state: ServerState, prompt_lengths: list[int]) -> None:
                        "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL_S)})  # fmt: skip
 
 
+def engine_error(error: BaseException) -> APIError | None:
+    """The reply to a request the engine refused or could not finish; None for any other error."""
+    if isinstance(error, ValueError):
+        return APIError(400, str(error), param="prompt")
+    if isinstance(error, ServerShuttingDownError):
+        return APIError(503, "the server shut down before this request finished; retry", "server_error",
+                        headers={"Retry-After": str(RETRY_AFTER_SHUTDOWN_S)})  # fmt: skip
+    if isinstance(error, EngineDeadError):
+        return APIError(500, ENGINE_FAILED, "server_error")
+    return None
+
+
+def cut_short(error: APIError) -> str:
+    """How the request log names a completion ended by `error`."""
+    return "shutdown" if error.status == 503 else "error"
+
+
 def raise_engine_errors(work: asyncio.Future) -> list[RequestOutput]:
     error = work.exception()
-    if isinstance(error, ValueError):
-        raise APIError(400, str(error), param="prompt")
-    if isinstance(error, ServerShuttingDownError):
-        raise APIError(503, "the server shut down before this request finished; retry", "server_error",
-                       headers={"Retry-After": str(RETRY_AFTER_SHUTDOWN_S)})  # fmt: skip
-    if isinstance(error, EngineDeadError):
-        raise APIError(500, "the engine failed while serving this request", "server_error")
     if error is not None:
-        raise error
+        raise engine_error(error) or error
     return work.result()
 
 
@@ -507,15 +520,7 @@ async def stream_completion(state: ServerState, body: CompletionRequest, log: Co
 
 
 def stream_error(error: Exception) -> tuple[ErrorResponse, str]:
-    """The SSE error event for a failed stream (internals stay in the server log), and how the request
-    log names the cut."""
-    if isinstance(error, ValueError):
-        body, cut = ErrorBody(message=str(error), type="invalid_request_error", param="prompt", code="400"), "error"
-    elif isinstance(error, ServerShuttingDownError):
-        body = ErrorBody(message="the server shut down before this request finished; retry", type="server_error",
-                         code="503")  # fmt: skip
-        cut = "shutdown"
-    else:
-        body, cut = ErrorBody(message="the engine failed while serving this request", type="server_error",
-                              code="500"), "error"  # fmt: skip
-    return ErrorResponse(error=body), cut
+    """The SSE error event for a failed stream (internals stay in the server log: any other error reads as
+    the engine's failure), and how the request log names the cut."""
+    reply = engine_error(error) or APIError(500, ENGINE_FAILED, "server_error")
+    return error_envelope(reply.status, reply.message, reply.kind, reply.param), cut_short(reply)

@@ -84,20 +84,22 @@ class EngineClient:
         return self._queued_tokens
 
     def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, num_prompt_tokens: int = 0
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, prompt_token_ids: list[int]
     ) -> AsyncIterator[RequestOutput]:
-        """Admit a request now (it counts in `num_requests`, and its `num_prompt_tokens` in
-        `num_queued_tokens`, from this call) and return its outputs as they are produced; the last one is
-        finished. Iterating raises ValueError for a request the engine refuses, EngineDeadError if the
-        engine fails and ServerShuttingDownError from `abort_all`. Closing the iterator early aborts it."""
+        """Admit a request now (it counts in `num_requests`, and its prompt tokens in `num_queued_tokens`,
+        from this call) and return its outputs as they are produced; the last one is finished.
+        `prompt_token_ids` are the prompt's ids as the engine sees them (`encode_prompt`), computed by the
+        caller so the engine thread does not tokenize. Iterating raises ValueError for a request the engine
+        refuses, EngineDeadError if the engine fails and ServerShuttingDownError from `abort_all`. Closing
+        the iterator early aborts it."""
         if self.error is not None:
             raise EngineDeadError("the engine has failed")
         results: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = results
         with self._tokens_lock:
-            self._prompt_tokens[request_id] = num_prompt_tokens
-            self._queued_tokens += num_prompt_tokens
-        self._commands.put(("add", request_id, prompt, params, time.monotonic()))
+            self._prompt_tokens[request_id] = len(prompt_token_ids)
+            self._queued_tokens += len(prompt_token_ids)
+        self._commands.put(("add", request_id, prompt, params, prompt_token_ids, time.monotonic()))
         return self._outputs(request_id, results)
 
     def abort_all(self, error: BaseException) -> None:
@@ -139,11 +141,11 @@ class EngineClient:
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt, params, admitted_at = command
+            _, request_id, prompt, params, prompt_token_ids, admitted_at = command
             if request_id not in self._queues:  # its consumer is already gone
                 return
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, prompt_token_ids)
                 self._admitted_at[request_id] = admitted_at
             except ValueError as error:
                 self._deliver(request_id, error)

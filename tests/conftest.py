@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars only clutter captured test output
 
@@ -55,6 +56,12 @@ def tiny_post_ln_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_outlier_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = TinyModelSpec(shape=OPT_SHAPES["tiny"], seed=0, train_steps=TRAINED_STEPS, outliers=True)
     return _make(tmp_path_factory, "tiny-trained-outliers", spec)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def load_cpu(model_dir: Path) -> LoadedModel:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cli import build_parser
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -49,12 +49,6 @@ PROMETHEUS_SYNTHETIC = {"up"}
 def tool(name: str) -> str | None:
     """The tool on PATH or next to this interpreter (pip puts docker-compose and hadolint there)."""
     return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.25):

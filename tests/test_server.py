@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 
@@ -20,14 +19,9 @@ from server.app import create_app
 from server.fault_injection import STEP_DELAY_ENV, install_faults
 from server.main import build_state
 from server.protocol import CompletionRequest, ErrorBody
+from tests.conftest import free_port
 
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RunningServer:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ import httpx
 import pytest
 
 from server.fault_injection import FAIL_AFTER_ENV, STEP_DELAY_ENV
+from tests.conftest import free_port
 
 API_KEY = "lifecycle-secret-4f1c"
 STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

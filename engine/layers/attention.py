@@ -100,7 +100,7 @@ class Attention(nn.Module):
                 raise ValueError("decode rows need decode_seq_lens")
             # The CUDA kernel takes fp16/bf16 and a few head dims and refuses the rest; a float32 model on a
             # GPU (or an odd head dim) decodes through the reference, which has no host sync either.
-            kernel_fits = q.dtype in (torch.float16, torch.bfloat16) and self.head_dim in ops._DECODE_KERNEL_HEAD_DIMS
+            kernel_fits = ops.decode_kernel_supports(q.dtype, self.head_dim)
             decode = ops.paged_attention_decode if kernel_fits else ops.paged_attention_decode_reference
             outputs.append(decode(
                 q[:decodes], key_cache, value_cache, metadata.block_tables[:decodes], metadata.decode_seq_lens,
