@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from engine.errors import ConfigError, WorkerFailedError
 from engine.layers.attention import AttentionMetadata
 from engine.models.loader import load_model
 from engine.models.opt import OPTForCausalLM
-from tests.conftest import load_cpu
+from tests.conftest import free_port, load_cpu
 
 PROMPTS = ["KING RICHARD:\nNow is the winter", "O", "To be, or not to be, that is the question:"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -153,6 +152,18 @@ def test_heads_or_ffn_not_divisible_by_the_ranks_is_a_clear_error(tiny_outlier_m
 def test_more_ranks_than_gpus_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"tensor_parallel_size 2 needs 2 GPUs, but \d are visible"):
         rank_device("cuda", 0, 2)
+
+
+def test_a_whole_model_runs_no_collectives_beside_a_tensor_parallel_engine(tiny_outlier_model_dir) -> None:
+    ids = torch.tensor([[2, 100, 200, 300]])
+    model = load_cpu(tiny_outlier_model_dir).model
+    expected = model.score(ids)
+    # The engine's process group is process-wide: were the whole model's all-reduces real, they would wait for
+    # rank 1 (which runs nothing) until the timeout.
+    with LLM(str(tiny_outlier_model_dir), device="cpu", dtype="float32", tensor_parallel_size=2,
+             num_cpu_blocks=16, collective_timeout_s=5) as llm:  # fmt: skip
+        torch.testing.assert_close(model.score(ids), expected)
+        assert llm.generate("Hello", SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still in step
 
 
 def test_a_rank_reads_only_its_slice_of_a_safetensors_checkpoint(tiny_outlier_model_dir, monkeypatch) -> None:
@@ -329,9 +340,7 @@ def test_random_weights_need_no_checkpoint(tiny_outlier_model_dir, tmp_path) -> 
 
 
 def test_serve_with_two_ranks_answers_a_completion(tiny_outlier_model_dir, tmp_path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = tmp_path / "serve.log"
     command = [sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_outlier_model_dir), "--port", str(port),
                "--device", "cpu", "--dtype", "float32", "--num-cpu-blocks", "64", "--max-model-len", "128",

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -38,6 +39,10 @@ from engine.model_runner import StepBatch
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1
+STEP_POLL_S = 1e-4  # rank 0 waiting for a step on the GPU: how often it asks whether the GPU is done
+# Rank 0's own NCCL watchdog would end the engine's process (the server) at the collective timeout; given this
+# much longer, it only backs up `wait_step`, which fails the engine cleanly at the timeout.
+WATCHDOG_GRACE_S = 30.0
 GRACEFUL_EXIT_S = 5.0  # a worker told to shut down exits well within this
 ERROR_REPORT_S = 1.0  # after a failure, how long to wait for the workers' own error messages
 
@@ -54,7 +59,8 @@ def _exited(worker: _Worker) -> str:
 
 
 def _stop(workers: list[_Worker], graceful: bool) -> None:
-    """Stop every worker (asking first when `graceful`), and leave this process's group."""
+    """Stop every worker (asking first when `graceful`), and leave this process's group (aborting it when not
+    graceful: a collective of the failed step may still be waiting on the GPU)."""
     alive = [w for w in workers if w.process.is_alive()]
     if graceful:
         for worker in alive:
@@ -68,21 +74,19 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
             worker.process.kill()
         worker.process.join(GRACEFUL_EXIT_S)
         worker.conn.close()
-    parallel_state.destroy()
+    parallel_state.destroy(abort=not graceful)
 
 
 class TensorParallelExecutor:
     def __init__(self, config: EngineConfig) -> None:
         world = config.parallel.tensor_parallel_size
-        timeout_s = config.parallel.collective_timeout_s
+        timeout_s = self.timeout_s = config.parallel.collective_timeout_s
         if dist.is_initialized():  # one tensor-parallel engine per process: the group is process-wide
             raise ConfigError("this process already has a tensor-parallel engine (or another process group); "
                               "shut it down before starting another")  # fmt: skip
         self.shard = Shard(0, world)
         self.device = rank_device(config.model.device, 0, world)
-        if self.device.type == "cuda":
-            import torch
-
+        if self.device.type == "cuda":  # before the process group: NCCL binds to the current device
             torch.cuda.set_device(self.device)
         self.workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _stop, self.workers, True)  # also runs at interpreter exit
@@ -104,8 +108,10 @@ class TensorParallelExecutor:
         # A worker that cannot even start (e.g. spawn re-running an unguarded __main__) must fail here, not
         # leave rank 0 waiting in the rendezvous for the whole timeout.
         self.collect("starting (a script that starts a tensor-parallel engine needs `if __name__ == '__main__':`)")
+        backend = backend_for(self.device)
+        group_timeout_s = timeout_s + WATCHDOG_GRACE_S if backend == "nccl" else timeout_s
         try:
-            parallel_state.init(0, world, backend_for(self.device), self._store, timeout_s)
+            parallel_state.init(0, world, backend, self._store, group_timeout_s, self.device)
         except Exception as error:
             raise self.fail(error) from error
 
@@ -142,6 +148,31 @@ class TensorParallelExecutor:
             if not worker.process.is_alive():
                 raise self.fail(f"rank {worker.rank} is no longer running")
             self._send(worker, ("step", batch))
+
+    def wait_step(self) -> None:
+        """On a GPU, wait until this step's work (its collectives included) is done, watching the other ranks.
+
+        An NCCL collective is queued on the GPU and returns at once: with a rank dead or hung, rank 0 would
+        block in the next CUDA call that waits for the GPU (sampling), where no timeout reaches it, until its
+        watchdog ends the whole process. Waiting here instead, a dead rank fails the step within POLL_S and a
+        hung one after the collective timeout. (gloo collectives block, and time out, by themselves.)
+        """
+        if self.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        started = checked = time.monotonic()
+        while not done.query():
+            time.sleep(STEP_POLL_S)
+            now = time.monotonic()
+            if now - checked < POLL_S:
+                continue
+            checked = now
+            for worker in self.workers:
+                if not worker.process.is_alive():
+                    raise self.fail(f"rank {worker.rank} is no longer running")
+            if now - started > self.timeout_s:
+                raise self.fail(f"the step's collectives did not finish within {self.timeout_s:g} s")
 
     def _send(self, worker: _Worker, message: tuple[str, Any]) -> None:
         try:

@@ -96,7 +96,7 @@ def _serve(rank: int, config: EngineConfig, store_port: int, conn: Connection) -
     else:  # the ranks share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     store = dist.TCPStore(STORE_HOST, store_port, world, is_master=False, timeout=timedelta(seconds=timeout_s))
-    parallel_state.init(rank, world, backend_for(device), store, timeout_s)
+    parallel_state.init(rank, world, backend_for(device), store, timeout_s, device)
 
     loaded = load_model(config.model, Shard(rank, world), device)
     model_len = max_model_len(config, loaded.arch.max_position_embeddings)

@@ -108,10 +108,12 @@ class OPTAttention(nn.Module):
         self.qkv_proj = nn.Linear(hidden, 3 * local, bias=arch.enable_bias)  # column-parallel: [q_r; k_r; v_r]
         self.out_proj = nn.Linear(local, hidden, bias=arch.enable_bias)  # row-parallel
         self.attn = Attention(heads, arch.head_dim, scale=arch.head_dim**-0.5)
+        self.sharded = shard.world_size > 1
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # [T, 3H/N] -> 3 x [T, H/N] (N: tensor-parallel ranks)
-        return all_reduce(self.out_proj(self.attn(q, k, v, metadata)))  # partial sums over the ranks' heads
+        out = self.out_proj(self.attn(q, k, v, metadata))
+        return all_reduce(out) if self.sharded else out  # partial sums over the ranks' heads
 
 
 class OPTDecoderLayer(nn.Module):
@@ -126,9 +128,13 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = nn.Linear(arch.hidden_size, ffn, bias=arch.enable_bias)  # column-parallel
         self.activation: nn.Module = nn.ReLU()  # becomes Identity when W8A8 fc1 fuses the ReLU
         self.fc2 = nn.Linear(ffn, arch.hidden_size, bias=arch.enable_bias)  # row-parallel
+        # A whole model never all-reduces, even in a process that also hosts a tensor-parallel engine (whose
+        # process group would otherwise make its collectives real, and wait for ranks that run another model).
+        self.sharded = shard.world_size > 1
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self.fc2(self.activation(self.fc1(x))))
+        out = self.fc2(self.activation(self.fc1(x)))
+        return all_reduce(out) if self.sharded else out
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         if self.pre_layer_norm:  # 125m, 1.3b ... 175b
