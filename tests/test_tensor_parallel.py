@@ -11,6 +11,7 @@ exactly as TP=1 does, int32 accumulation is exact, and the logits agree to float
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,6 +50,12 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    return f"pid {pid}"
 
 
 def _children(pid: int) -> list[int]:
@@ -364,7 +371,12 @@ def test_serve_with_two_ranks_answers_a_completion(tiny_outlier_model_dir, tmp_p
         assert reply.json()["usage"]["completion_tokens"] == 4
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0, log.read_text()
-        assert not any(_running(pid) for pid in workers)
+        # The children include multiprocessing's resource tracker, which exits on its own once the server's
+        # end of its pipe closes: give every child a moment, then none may be left.
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in workers), [_cmdline(pid) for pid in workers if _running(pid)]
     finally:
         if server.poll() is None:
             server.kill()
