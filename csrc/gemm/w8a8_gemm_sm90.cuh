@@ -28,6 +28,7 @@
 
 #include "w8a8_epilogue.cuh"
 #include "w8a8_gemm_sm90.h"
+#include "run_config.cuh"
 
 namespace smoothserve::sm90 {
 
@@ -174,20 +175,12 @@ struct ConfigOf<GemmConfig::kLarge, ElementOut, ElementBias> {
 
 template <GemmConfig C, typename ElementOut, typename ElementBias>
 size_t workspace_size(const GemmProblem& p) {
-  using Config = typename ConfigOf<C, ElementOut, ElementBias>::type;
-  return Config::Gemm::get_workspace_size(Config::arguments(p));
+  return config_workspace_size<typename ConfigOf<C, ElementOut, ElementBias>::type>(p);
 }
 
 template <GemmConfig C, typename ElementOut, typename ElementBias>
 cutlass::Status run(const GemmProblem& p, void* workspace, cudaStream_t stream) {
-  using Config = typename ConfigOf<C, ElementOut, ElementBias>::type;
-  typename Config::Gemm gemm;
-  auto args = Config::arguments(p);
-  cutlass::Status status = gemm.can_implement(args);
-  if (status != cutlass::Status::kSuccess) return status;
-  status = gemm.initialize(args, workspace, stream);
-  if (status != cutlass::Status::kSuccess) return status;
-  return gemm.run(stream);
+  return run_config<typename ConfigOf<C, ElementOut, ElementBias>::type>(p, workspace, stream);
 }
 
 // One translation unit per configuration compiles both output dtypes (parallel builds).
