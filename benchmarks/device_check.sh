@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the extension, then the stages named (default: tests kernels).
-#   bash benchmarks/device_check.sh [tests] [kernels] [latency] [fidelity] [serving]
+#   bash benchmarks/device_check.sh [tests] [kernels] [latency] [fidelity] [serving] [profile]
+# (pytest: python -m pytest $PYTEST_ARGS; profile: benchmarks/profile_step.py once per '|'-separated argument list in $PROFILE_ARGS)
 # Needs the nvidia-cutlass wheel (and the server's wheels) in .whl/ (carried). Logs, results and the
 # built .so (gzipped, to carry into the next call) go to $OUT. DEADLINE (seconds, default 570) bounds
 # the whole call: each stage gets what is left, so a slow stage cannot eat the output of the others.
@@ -30,11 +31,14 @@ for stage in $stages; do
     [ "$budget" -gt 20 ] || { echo "$stage: skipped, no time left"; continue; }
     run() { timeout -k 10 "$budget" "$@"; }
     case $stage in
-        tests) run python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+        tests) run python3 -m pytest -q -m gpu tests/test_*gpu*.py -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
         kernels) run python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -20 ;;
         latency) run python3 -m benchmarks.latency --out "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
         fidelity) run python3 -m benchmarks.fidelity --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" | tail -30 ;;
         serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" run bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+        pytest) run python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
+        profile) IFS='|' read -ra runs <<< "${PROFILE_ARGS:-}"
+                 for a in "${runs[@]:-}"; do run python3 -m benchmarks.profile_step $a 2>&1 | tee -a "$OUT/profile.log"; done ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
     echo "$stage: $(( $(date +%s) - start )) s"

@@ -81,6 +81,19 @@ def test_decode_at_opt_shapes_and_padding_rows() -> None:
         assert actual[1].abs().max() == 0
 
 
+@pytest.mark.parametrize("batch", [1, 17, 40, 80])
+def test_decode_over_every_partition_length(batch: int) -> None:
+    """The kernel picks its partition length from batch x heads (64 tokens for few rows, up to 512 for
+    many): with 8 heads on a 132-SM H100 these batches take 64, 128, 256 and 512."""
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 1500, (batch,), generator=g).tolist()
+    lens[0] = 1499
+    query, key_cache, value_cache, tables, seq_lens = _decode_case(lens, 16, 8, 64, torch.float16, batch)
+    actual = ops.paged_attention_decode(query, key_cache, value_cache, tables, seq_lens, 0.125)
+    expected = ops.paged_attention_decode_reference(query, key_cache, value_cache, tables, seq_lens, 0.125)
+    _assert_close(actual, expected, torch.float16)
+
+
 def test_decode_is_not_fooled_by_garbage_beyond_the_length() -> None:
     """Slots past a sequence's length hold NaN: the kernel must never let them into the result."""
     lens = [37, 300]

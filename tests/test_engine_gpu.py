@@ -71,3 +71,26 @@ def test_w8a8_engine_tracks_the_fp16_engine(trained_outlier_model_dir, prompts, 
     agreement = _agreement(_tokens(llm, prompts), fp16_graph_tokens)
     print(f"W8A8 {level} vs FP16 greedy agreement on the GPU: {agreement:.3f}")
     assert agreement >= 0.95
+
+
+def test_w8a8_cuda_graphs_give_the_eager_tokens(trained_outlier_model_dir, prompts) -> None:  # noqa: F811
+    quant = QuantConfig(level="O1", alpha=0.5)
+    graphs = _tokens(_gpu_llm(trained_outlier_model_dir, quantization="w8a8", quant=quant), prompts)
+    eager = _tokens(_gpu_llm(trained_outlier_model_dir, quantization="w8a8", quant=quant, enforce_eager=True), prompts)
+    print(f"W8A8 O1 graphs vs eager agreement: {_agreement(graphs, eager):.3f}")
+    assert graphs == eager
+
+
+@pytest.mark.parametrize("level", ["O1", "O3"])
+def test_w8a8_kernels_give_the_reference_tokens(trained_outlier_model_dir, prompts, level, monkeypatch) -> None:  # noqa: F811
+    """The compiled ops against engine/ops.py's references in the same engine on the same GPU: any
+    difference beyond rounding is a kernel or integration bug, not quantization noise."""
+    from engine import ops
+
+    quant = QuantConfig(level=level, alpha=0.5)
+    compiled = _tokens(_gpu_llm(trained_outlier_model_dir, quantization="w8a8", quant=quant, enforce_eager=True), prompts)
+    monkeypatch.setattr(ops, "EXTENSION_LOADED", False)
+    reference = _tokens(_gpu_llm(trained_outlier_model_dir, quantization="w8a8", quant=quant, enforce_eager=True), prompts)
+    agreement = _agreement(compiled, reference)
+    print(f"W8A8 {level} compiled vs reference ops agreement on the GPU: {agreement:.3f}")
+    assert agreement >= 0.95

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 M_SWEEP = [1, 7, 16, 33, 64, 100, 128, 257, 512, 2048, 8192]
 # (N, K) of OPT layers: qkv fused 3h x h, out_proj h x h, fc1 4h x h, fc2 h x 4h, for several hidden sizes.
-OPT_HIDDEN = [768, 2048, 5120, 7168, 9216, 12288]
+OPT_HIDDEN = [128, 768, 2048, 5120, 7168, 9216, 12288]  # 128: the tiny test models
 
 
 def _layer_shapes(hidden: int) -> list[tuple[int, int]]:
@@ -151,7 +151,7 @@ def test_gemm_arch_variable_selects_the_kernel_family(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("m", SM80_M_SWEEP)
-@pytest.mark.parametrize("hidden", [768, 5120, 7168])
+@pytest.mark.parametrize("hidden", [128, 768, 5120, 7168])
 def test_sm80_w8a8_gemm_over_opt_shapes(sm80_kernels, m: int, hidden: int) -> None:
     for index, (n, k) in enumerate(_layer_shapes(hidden)):
         if m * max(n, k) * 8 > 6e9:  # the float64 reference would need too much memory
@@ -222,7 +222,7 @@ def _assert_int8_out_exact(a, w, a_scale, w_scale, bias, relu, out_scale) -> Non
 
 @pytest.mark.parametrize("arch", ["auto", "sm80"])
 @pytest.mark.parametrize("m", INT8_OUT_M_SWEEP)
-@pytest.mark.parametrize("hidden", [768, 5120, 7168])
+@pytest.mark.parametrize("hidden", [128, 768, 5120, 7168])
 def test_w8a8_gemm_int8_out_over_opt_shapes(monkeypatch: pytest.MonkeyPatch, arch: str, m: int, hidden: int) -> None:
     monkeypatch.setenv("SMOOTHSERVE_GEMM_ARCH", arch)
     for index, (n, k) in enumerate(_layer_shapes(hidden)):
@@ -272,7 +272,7 @@ def test_sm80_stream_k_and_data_parallel_schedules(monkeypatch, stream_k: str, m
     _assert_int8_out_exact(*case[:5], False, case[5])
 
 
-ACTIVATION_SHAPES = [(1, 768), (7, 2048), (33, 5120), (257, 7168), (1024, 12288), (8192, 5120), (3, 49152)]
+ACTIVATION_SHAPES = [(5, 128), (1, 768), (7, 2048), (33, 5120), (257, 7168), (1024, 12288), (8192, 5120), (3, 49152)]
 
 
 @pytest.mark.parametrize("m,k", ACTIVATION_SHAPES)

@@ -4,12 +4,14 @@
 // block block_tables[b][t / block_size] at offset t % block_size. A token's key for one head is
 // head_dim contiguous elements, so a tile of tokens is loaded with coalesced 16-byte vectors.
 //
-// Work split (flash-decoding): one CTA per (head, sequence, partition of kPartitionTokens). A CTA walks
+// Work split (flash-decoding): one CTA per (head, sequence, partition of partition_tokens). A CTA walks
 // its partition in tiles of kTileTokens: stage K and V tiles in shared memory, score the tile, update
 // an online softmax (running max m and sum l, shared by all threads), and accumulate p·V. With one
 // partition the CTA writes the output; with several, each writes (normalized partial output, m, l) and
 // a second kernel merges them. The grid depends only on tensor shapes (never on lengths held on the
-// device), so a CUDA graph captured for a batch size replays for any lengths.
+// device), so a CUDA graph captured for a batch size replays for any lengths. For the same reason the
+// partition length is chosen from the shape: short partitions when few (head, sequence) rows would leave
+// SMs idle (batch 1 of OPT-30B is 56 rows on 132 SMs), long ones when rows are plentiful (fewer partials).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAMacros.h>
@@ -26,7 +28,9 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kTileTokens = 64;
-constexpr int kPartitionTokens = 512;
+constexpr int kMaxPartitionTokens = 512;
+// CTAs per SM that a typical context (kMaxPartitionTokens tokens) should give at least.
+constexpr int kCtasPerSm = 4;
 constexpr int kVec = 8;  // elements per 16-byte vector of fp16/bf16
 // Shared-memory rows are padded by one vector so 16-byte reads of neighbouring rows hit different banks.
 constexpr int kRowPad = kVec;
@@ -74,6 +78,7 @@ __global__ void __launch_bounds__(kThreads)
                                   const T* __restrict__ value_cache,
                                   const int32_t* __restrict__ block_tables,  // [B, max_blocks]
                                   int max_blocks, const int32_t* __restrict__ seq_lens, int block_size,
+                                  int partition_tokens,  // a multiple of kTileTokens
                                   float scale) {
   using Tiles = SharedTiles<T, HeadDim>;
   constexpr int kVecsPerRow = HeadDim / kVec;
@@ -88,8 +93,8 @@ __global__ void __launch_bounds__(kThreads)
   // The reference sees at most the table's max_blocks * block_size tokens; a longer length would read
   // block ids past the row (and blocks past the cache), so it is clamped to the same capacity.
   const int seq_len = static_cast<int>(min(int64_t(seq_lens[seq]), int64_t(max_blocks) * block_size));
-  const int begin = partition * kPartitionTokens;
-  const int end = min(seq_len, begin + kPartitionTokens);
+  const int begin = partition * partition_tokens;
+  const int end = min(seq_len, begin + partition_tokens);
   const int64_t row = (int64_t(seq) * num_heads + head);
 
   for (int d = tid; d < HeadDim; d += kThreads)
@@ -208,6 +213,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+int choose_partition_tokens(int rows, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int tokens = kMaxPartitionTokens;
+  while (tokens > kTileTokens && int64_t(rows) * (kMaxPartitionTokens / tokens) < int64_t(kCtasPerSm) * sms)
+    tokens /= 2;
+  return tokens;
+}
+
 template <typename T, int HeadDim>
 void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
                    const torch::Tensor& value_cache, const torch::Tensor& block_tables,
@@ -216,7 +230,9 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   const int block_size = key_cache.size(1);
   const int max_blocks = block_tables.size(1);
   const int64_t max_tokens = int64_t(max_blocks) * block_size;
-  const int num_partitions = static_cast<int>((max_tokens + kPartitionTokens - 1) / kPartitionTokens);
+  const int device = c10::cuda::current_device();
+  const int partition_tokens = choose_partition_tokens(batch * num_heads, device);
+  const int num_partitions = static_cast<int>((max_tokens + partition_tokens - 1) / partition_tokens);
   const auto float_options = query.options().dtype(torch::kFloat);
   torch::Tensor partial_out, partial_max, partial_sum;
   if (num_partitions > 1) {
@@ -232,7 +248,6 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   // process-wide flag would leave a second GPU of the same process at the default and fail its launch.
   // It is a host-side setting, not stream work, so a first call inside a graph capture is harmless.
   static std::once_flag shared_memory_set[C10_COMPILE_TIME_MAX_GPUS];
-  const int device = c10::cuda::current_device();
   TORCH_CHECK(device < C10_COMPILE_TIME_MAX_GPUS, "paged_attention_decode: device index ", device, " out of range");
   std::call_once(shared_memory_set[device], [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
@@ -244,7 +259,7 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
       reinterpret_cast<T*>(out.data_ptr()), ptr(partial_out), ptr(partial_max), ptr(partial_sum),
       reinterpret_cast<const T*>(query.data_ptr()), query.stride(0),
       reinterpret_cast<const T*>(key_cache.data_ptr()), reinterpret_cast<const T*>(value_cache.data_ptr()),
-      block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size,
+      block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size, partition_tokens,
       static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_partitions > 1) {

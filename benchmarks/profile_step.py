@@ -1,0 +1,83 @@
+"""Where one engine step spends its GPU time: the kernels of a decode step (and of a prefill), by total
+CUDA time, from torch.profiler. A tool for finding what to speed up, not a benchmark of record.
+
+    python -m benchmarks.profile_step --model opt-30b --variant w8a8-O3 --batch 1 --prefill 128
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.latency import BLOCK_SIZE, Settings, _step, architecture, build_model
+from engine.config import CacheConfig, SchedulerConfig
+from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
+
+
+def kernel_table(fn, steps: int, rows: int) -> str:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    lines = [f"GPU time per step: {total / steps / 1e3:.3f} ms over {sum(e.count for e in events) // steps} kernels",
+             f"{'us/step':>9} {'calls':>6} {'us/call':>8}  kernel"]  # fmt: skip
+    for e in events[:rows]:
+        lines.append(f"{e.device_time_total / steps:9.1f} {e.count // steps:6d} {e.device_time_total / e.count:8.2f}"
+                     f"  {e.key[:110]}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def wall_ms(fn, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="opt-30b")
+    parser.add_argument("--variant", default="w8a8-O3")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    settings = Settings(device, torch.float16, (max(args.prefill, 1),), (args.batch,), args.context, 1, 0.9)
+    arch = architecture(args.model)
+    model = build_model(arch, args.variant, settings)
+    scheduler = SchedulerConfig(max_num_batched_tokens=max(args.prefill, 512), max_num_seqs=max(args.batch, 1))
+    cache = CacheConfig(block_size=BLOCK_SIZE, gpu_memory_utilization=0.9, num_cpu_blocks=1)
+    activation = profile_activation_bytes(model, scheduler, arch.max_position_embeddings)
+    num_blocks = determine_num_blocks(model, cache, device, torch.float16, activation)
+    runner = ModelRunner(model, cache, num_blocks, device, torch.float16, max_model_len=arch.max_position_embeddings,
+                         max_num_seqs=args.batch, enforce_eager=args.eager)  # fmt: skip
+    decode, sequences = _step([(args.context, 1)] * args.batch)
+    run_decode = lambda: runner.execute(decode, sequences)  # noqa: E731
+    print(f"== {args.model} {args.variant} decode batch {args.batch} context {args.context}: "
+          f"{wall_ms(run_decode, args.steps):.3f} ms/step wall")  # fmt: skip
+    print(kernel_table(run_decode, args.steps, args.rows))
+    if args.prefill:
+        prefill, prefill_seqs = _step([(0, args.prefill)])
+        run_prefill = lambda: runner.execute(prefill, prefill_seqs)  # noqa: E731
+        print(f"== prefill {args.prefill}: {wall_ms(run_prefill, args.steps):.3f} ms/step wall")
+        print(kernel_table(run_prefill, args.steps, args.rows))
+
+
+if __name__ == "__main__":
+    main()
