@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -30,3 +30,11 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+    def snapshot(self) -> RequestOutput:
+        """A copy that later engine steps leave alone: they append to each completion's lists in place.
+        The prompt ids (never changed after admission) and each step's top-logprob rows are shared.
+        copy.deepcopy did the same at ~100 us per request per step (64 streams: ~7 ms a step)."""
+        outputs = [replace(o, token_ids=list(o.token_ids), logprobs=list(o.logprobs), top_logprobs=list(o.top_logprobs))
+                   for o in self.outputs]  # fmt: skip
+        return replace(self, outputs=outputs, new_text=list(self.new_text))

@@ -9,7 +9,6 @@ gets the error and the client reports itself dead. On shutdown, `abort_all` ends
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
@@ -194,7 +193,7 @@ class EngineClient:
                 step_started = time.monotonic()
                 for output in self.engine.step():
                     # The engine keeps mutating its outputs: hand over a copy.
-                    self._deliver(output.request_id, copy.deepcopy(output))
+                    self._deliver(output.request_id, output.snapshot())
                 if self.on_step is not None:
                     self.on_step(self.engine.stats(), self._queue_times(step_started))
         except BaseException as error:
