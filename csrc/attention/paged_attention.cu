@@ -96,6 +96,9 @@ __global__ void __launch_bounds__(kThreads)
   const int begin = partition * partition_tokens;
   const int end = min(seq_len, begin + partition_tokens);
   const int64_t row = (int64_t(seq) * num_heads + head);
+  // A partition past the sequence's end has nothing to add: the merge reads only the partitions the
+  // length covers. (With one partition the CTA writes the output itself, zeros for an empty row.)
+  if (num_partitions > 1 && begin >= seq_len) return;
 
   for (int d = tid; d < HeadDim; d += kThreads)
     s.query[d] = static_cast<float>(query[seq * q_stride + head * HeadDim + d]) * scale;
@@ -189,23 +192,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out = sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p): the softmax over all partitions.
+// out = sum_p w_p o_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p): the softmax over the partitions
+// the sequence's length covers (the grid is sized for the longest possible one; the rest were skipped).
 template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads)
     merge_partitions_kernel(T* __restrict__ out, const float* __restrict__ partial_out,
                             const float* __restrict__ partial_max, const float* __restrict__ partial_sum,
-                            int num_partitions) {
+                            int num_partitions, const int32_t* __restrict__ seq_lens, int64_t max_tokens,
+                            int partition_tokens) {
   const int64_t row = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int64_t seq_len = min(int64_t(seq_lens[blockIdx.y]), max_tokens);  // clamped as the decode kernel does
+  const int used = static_cast<int>(min(int64_t(num_partitions), (max(seq_len, int64_t(0)) + partition_tokens - 1) /
+                                                                     partition_tokens));
   const float* maxes = partial_max + row * num_partitions;
   const float* sums = partial_sum + row * num_partitions;
   float global_max = -FLT_MAX;
-  for (int p = 0; p < num_partitions; ++p) global_max = fmaxf(global_max, maxes[p]);
+  for (int p = 0; p < used; ++p) global_max = fmaxf(global_max, maxes[p]);
   float total = 0.0f;
-  for (int p = 0; p < num_partitions; ++p) total += sums[p] * __expf(maxes[p] - global_max);
+  for (int p = 0; p < used; ++p) total += sums[p] * __expf(maxes[p] - global_max);
   const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
   for (int d = threadIdx.x; d < HeadDim; d += kThreads) {
     float value = 0.0f;
-    for (int p = 0; p < num_partitions; ++p) {
+    for (int p = 0; p < used; ++p) {
       const float weight = sums[p] * __expf(maxes[p] - global_max);
       value += weight * partial_out[(row * num_partitions + p) * HeadDim + d];
     }
@@ -265,7 +273,7 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   if (num_partitions > 1) {
     merge_partitions_kernel<T, HeadDim><<<dim3(num_heads, batch), kThreads, 0, stream>>>(
         reinterpret_cast<T*>(out.data_ptr()), partial_out.data_ptr<float>(), partial_max.data_ptr<float>(),
-        partial_sum.data_ptr<float>(), num_partitions);
+        partial_sum.data_ptr<float>(), num_partitions, seq_lens.data_ptr<int32_t>(), max_tokens, partition_tokens);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -70,9 +70,11 @@ void run_sm90(const char* op, const GemmProblem& p, const torch::Tensor& like) {
   using M256 = std::integral_constant<GemmConfig, GemmConfig::kM256>;
   using Large = std::integral_constant<GemmConfig, GemmConfig::kLarge>;
   if constexpr (kInt8Out) {
-    // Only two int8-output configurations are built (each sm90 instantiation costs about a minute of
-    // compile time): the swapped one for decode-sized M, the large one for the rest.
-    if (p.m <= 64) {
+    // Three int8-output configurations are built (each sm90 instantiation costs about a minute of
+    // compile time): the two swapped ones for decode-sized M, the large one for the rest.
+    if (p.m <= 16) {
+      launch(SwapM16{});
+    } else if (p.m <= 64) {
       launch(SwapM64{});
     } else {
       launch(Large{});

@@ -24,8 +24,8 @@ namespace smoothserve::sm90 {
 enum class GemmConfig { kSwapM16, kSwapM64, kM256, kLarge };
 
 // ElementOut: cutlass::half_t or cutlass::bfloat16_t with ElementBias = ElementOut, or int8_t (the
-// requantized output; ElementBias half_t or bfloat16_t). The int8 output is instantiated for kSwapM64
-// (serving every M <= 64) and kLarge (M > 64) only, to bound compile time.
+// requantized output; ElementBias half_t or bfloat16_t). The int8 output is instantiated for kSwapM16,
+// kSwapM64 and kLarge (serving 64 < M <= 256 too) only, to bound compile time.
 template <GemmConfig C, typename ElementOut, typename ElementBias = ElementOut>
 size_t workspace_size(const GemmProblem& p);
 
