@@ -70,6 +70,9 @@ __device__ __forceinline__ void for_each(const T* __restrict__ row, int64_t k, F
   if constexpr (Vectorized) {
     constexpr int N = Vec<T>::kSize;
     const auto* vectors = reinterpret_cast<const typename Vec<T>::Values*>(row);
+    // Unrolled so that each thread has several 16-byte loads in flight: with one row per block and few
+    // rows (decode), a loop that waits on each load in turn ran at a fraction of the bandwidth.
+#pragma unroll 4
     for (int64_t j = threadIdx.x; j < k / N; j += blockDim.x) {
       const typename Vec<T>::Values values = vectors[j];
 #pragma unroll
@@ -88,6 +91,7 @@ __device__ __forceinline__ void quantize_row(const T* __restrict__ row, int8_t* 
     constexpr int N = Vec<T>::kSize;
     const auto* vectors = reinterpret_cast<const typename Vec<T>::Values*>(row);
     auto* outputs = reinterpret_cast<typename Vec<T>::Quantized*>(out);
+#pragma unroll 4
     for (int64_t j = threadIdx.x; j < k / N; j += blockDim.x) {
       const typename Vec<T>::Values values = vectors[j];
       typename Vec<T>::Quantized q;
