@@ -34,6 +34,8 @@ for variant in fp16 w8a8; do
     done
     "${SMOOTHSERVE[@]}" bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
         --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --out "$OUT/serving-$variant"
+    # Where the engine's steps spent their time under that load (serving_report reads it).
+    curl -sf "http://127.0.0.1:$PORT/metrics" > "$OUT/serving-$variant/metrics.txt" || true
     kill -TERM "$server_pid"
     wait "$server_pid" || true
     server_pid=

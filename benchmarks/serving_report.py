@@ -6,6 +6,10 @@ serving-<device>.{json,md} with the evaluation issue's targets.
 Targets: W8A8 output tokens/s at saturation (the best rate) >= 1.6 x FP16's; at the highest request rate
 FP16 sustains (every request completed and its throughput within 10 % of the offered rate, or the inf
 rate), W8A8's p99 TTFT and p99 inter-token latency <= FP16's.
+
+Where a server's /metrics was saved after its load (metrics.txt beside bench.json), the report adds where
+its engine steps spent their time: steps by kind (CUDA-graph decode or eager) and the mean host time per
+step of each phase (`smoothserve_engine_step_phase_seconds`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from benchmarks.common import git_commit, targets_table, write_report
 
 THROUGHPUT_RATIO_TARGET = 1.6
@@ -23,6 +29,25 @@ SUSTAINED_FRACTION = 0.9
 
 def load(path: Path) -> dict:
     return json.loads((path / "bench.json").read_text())
+
+
+def step_profile(metrics_text: str) -> dict:
+    """Steps by kind, tokens per step and mean ms per step of each phase, from a /metrics scrape."""
+    steps: dict[str, float] = {}
+    phase_sums: dict[str, float] = {}
+    tokens = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "smoothserve_engine_steps_total":
+                steps[sample.labels["kind"]] = sample.value
+            elif sample.name == "smoothserve_engine_step_phase_seconds_sum":
+                phase_sums[sample.labels["phase"]] = sample.value
+            elif sample.name == "smoothserve_engine_step_tokens_total":
+                tokens = sample.value
+    total = sum(steps.values())
+    return {"steps": steps, "tokens_per_step": tokens / total if total else None,
+            "phase_ms_per_step": {phase: 1e3 * value / total if total else None
+                                  for phase, value in phase_sums.items()}}  # fmt: skip
 
 
 def sustained(load_summary: dict) -> bool:
@@ -88,6 +113,17 @@ def to_markdown(report: dict) -> str:
             f"{r['output_token_throughput']:.0f} | {_fmt(r['ttft_p50_ms'])} / {_fmt(r['ttft_p99_ms'])} | "
             f"{_fmt(r['itl_p50_ms'])} / {_fmt(r['itl_p99_ms'])} | {_fmt(r['tpot_p50_ms'])} | {_fmt(r['e2e_p99_ms'])} |"
         )
+    if report.get("engine_steps"):
+        phases = ("schedule", "forward", "sample", "postprocess")
+        header = " | ".join(f"{p} ms" for p in phases)
+        lines += ["", "Engine steps over the whole run (host time per step; `sample` includes waiting for the GPU):",
+                  "", f"| server | decode-graph steps | eager steps | tokens/step | {header} |",
+                  "|---|---|---|---|" + "---|" * len(phases)]  # fmt: skip
+        for name, profile in report["engine_steps"].items():
+            per_phase = profile["phase_ms_per_step"]
+            lines.append(f"| {name} | {profile['steps'].get('decode_graph', 0):.0f} | "
+                         f"{profile['steps'].get('eager', 0):.0f} | {_fmt(profile['tokens_per_step'])} | "
+                         + " | ".join(_fmt(per_phase.get(p), 2) for p in phases) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
                           f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
               **compare(fp16, w8a8)}  # fmt: skip
+    saved = {name: path / "metrics.txt" for name, path in (("fp16", args.fp16), ("w8a8", args.w8a8))}
+    profiles = {name: step_profile(path.read_text()) for name, path in saved.items() if path.exists()}
+    if profiles:
+        report["engine_steps"] = profiles
     markdown = to_markdown(report)
     write_report(args.out, "serving", report, markdown)
     print(markdown)

@@ -13,6 +13,7 @@ raise `WorkerFailedError` (and every later `step` too); `shutdown` stops the oth
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,21 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer, encode_prompt, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Where one step's wall time went, on the host. On a GPU, `forward` is issuing the model's kernels
+    (a graph replay is quick; an eager step issues hundreds) and `sample` includes waiting for the GPU
+    to finish them, at its first read of a result: a `forward` close to the whole step means the step
+    is bound by the host, not the GPU. (No synchronization is added to measure it.)"""
+
+    kind: str  # "decode_graph" (a replayed CUDA graph) or "eager"
+    num_tokens: int
+    schedule_s: float
+    forward_s: float
+    sample_s: float
+    postprocess_s: float
 
 
 @dataclass
@@ -71,6 +87,7 @@ class LLMEngine:
         self.config = config
         self.requests: dict[str, _Request] = {}
         self.failure: WorkerFailedError | None = None
+        self.last_step_timing: StepTiming | None = None  # of the last step that ran the model
         parallel = config.parallel.tensor_parallel_size > 1
         self.executor = TensorParallelExecutor(config) if parallel else None
         try:
@@ -179,13 +196,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.failure is not None:
             raise self.failure
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        scheduled_at = time.perf_counter()
         try:
             model_output = self.runner.execute(scheduled, self.scheduler.sequences)
             if self.executor is not None:
                 self.executor.wait_step()
+            issued_at = time.perf_counter()
         except Exception as error:
             if self.executor is None:
                 raise
@@ -195,13 +215,23 @@ class LLMEngine:
                 raise
             self.failure = self.executor.fail(error)
             raise self.failure from error
+        sampled_at = issued_at
+        outputs: list[RequestOutput] = []
         if not model_output.seq_ids:  # only prompt chunks that sample nothing yet
             self.scheduler.update(scheduled, {})
-            return []
-        seqs = [self.scheduler.sequences[seq_id] for seq_id in model_output.seq_ids]
-        sampled = sample(model_output.logits, [self._sampling_row(seq) for seq in seqs])
-        self.scheduler.update(scheduled, dict(zip(model_output.seq_ids, sampled.token_ids, strict=True)))
-        return self._postprocess(seqs, sampled)
+        else:
+            seqs = [self.scheduler.sequences[seq_id] for seq_id in model_output.seq_ids]
+            sampled = sample(model_output.logits, [self._sampling_row(seq) for seq in seqs])
+            sampled_at = time.perf_counter()
+            self.scheduler.update(scheduled, dict(zip(model_output.seq_ids, sampled.token_ids, strict=True)))
+            outputs = self._postprocess(seqs, sampled)
+        self.last_step_timing = StepTiming(
+            kind="decode_graph" if self.runner.last_step_used_graph else "eager",
+            num_tokens=scheduled.num_batched_tokens, schedule_s=scheduled_at - started,
+            forward_s=issued_at - scheduled_at, sample_s=sampled_at - issued_at,
+            postprocess_s=time.perf_counter() - sampled_at,
+        )  # fmt: skip
+        return outputs
 
     # ----------------------------------------------------------------------------------------------
 

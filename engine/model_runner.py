@@ -254,6 +254,7 @@ class ModelRunner:
         gib = 2 * len(self.kv_caches) * keys.numel() * keys.element_size() / 1024**3
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size, gib)
         self.graphs: _DecodeGraphs | None = None
+        self.last_step_used_graph = False
         if device.type == "cuda" and not enforce_eager and not ops.EXTENSION_LOADED:
             # The PyTorch references synchronize with the host (boolean-mask indexing), which graphs forbid.
             logger.warning("CUDA graphs need the compiled extension: decoding eagerly")
@@ -301,7 +302,10 @@ class ModelRunner:
         # inside the step's collectives, where `TensorParallelExecutor.wait_step` could not time it out).
         every_row = len(batch.sample_rows) == len(batch.input_ids)
         sample_rows = None if every_row else tensor(batch.sample_rows, torch.long)
-        if self.graphs is not None and batch.decode_only and len(batch.seq_lens) <= self.graphs.max_batch:
+        self.last_step_used_graph = (
+            self.graphs is not None and batch.decode_only and len(batch.seq_lens) <= self.graphs.max_batch
+        )
+        if self.last_step_used_graph:
             hidden = self.graphs.run(batch)
         else:
             metadata = AttentionMetadata(

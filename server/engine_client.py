@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, StepTiming
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerStats
@@ -36,7 +36,7 @@ class ServerShuttingDownError(RuntimeError):
 
 # Called from the engine thread after each step (or batch of aborts): the scheduler's stats and the queue
 # times (seconds from admission to first being scheduled) of the requests that started in that step.
-StepCallback = Callable[[SchedulerStats, Sequence[float]], None]
+StepCallback = Callable[[SchedulerStats, Sequence[float], StepTiming | None], None]
 
 
 class EngineClient:
@@ -188,14 +188,15 @@ class EngineClient:
                     pass
                 if not self.engine.has_unfinished_requests():
                     if handled and self.on_step is not None:  # aborts free blocks: the gauges must see it
-                        self.on_step(self.engine.stats(), ())
+                        self.on_step(self.engine.stats(), (), None)
                     continue
                 step_started = time.monotonic()
+                self.engine.last_step_timing = None
                 for output in self.engine.step():
                     # The engine keeps mutating its outputs: hand over a copy.
                     self._deliver(output.request_id, output.snapshot())
                 if self.on_step is not None:
-                    self.on_step(self.engine.stats(), self._queue_times(step_started))
+                    self.on_step(self.engine.stats(), self._queue_times(step_started), self.engine.last_step_timing)
         except BaseException as error:
             logger.exception("engine failed")
             self.error = error

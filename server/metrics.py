@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.llm_engine import StepTiming
 from engine.scheduler import SchedulerStats
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024)
+STEP_PHASES = ("schedule", "forward", "sample", "postprocess")
+STEP_KINDS = ("decode_graph", "eager")
 REJECTION_REASONS = ("requests", "tokens", "shutdown")
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -56,12 +60,24 @@ class ServerMetrics:
         self.generation_length = histogram("smoothserve_request_generation_tokens", "Completion length", TOKEN_BUCKETS)
         self._http = Counter("smoothserve_http_responses", "HTTP responses, by route and status code",
                              ["model", "route", "status"], registry=self.registry)  # fmt: skip
+        self._step_phase = Histogram("smoothserve_engine_step_phase_seconds",
+                                     "Host time of each engine step phase: schedule, forward (issuing the model's GPU "
+                                     "work), sample (with the wait for the GPU), postprocess", ["model", "phase"],
+                                     buckets=STEP_BUCKETS, registry=self.registry)  # fmt: skip
+        self._steps = Counter("smoothserve_engine_steps", "Engine steps that ran the model, by kind: "
+                              "decode_graph (a replayed CUDA graph) or eager", ["model", "kind"],
+                              registry=self.registry)  # fmt: skip
+        self.step_tokens = counter("smoothserve_engine_step_tokens", "Tokens fed to the model, over all steps")
         self._last = SchedulerStats(0, 0, 0.0, 0, 0, 0)
         # Every label value from the start, so that dashboards see zeros rather than missing series.
         for reason in REJECTION_REASONS:
             self._rejections.labels(model, reason)
         for reason in FINISH_REASONS:
             self._finished.labels(model, reason)
+        for phase in STEP_PHASES:
+            self._step_phase.labels(model, phase)
+        for kind in STEP_KINDS:
+            self._steps.labels(model, kind)
 
     def finished(self, finish_reason: str) -> None:
         self._finished.labels(self.model, finish_reason).inc()
@@ -72,10 +88,18 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self._rejections.labels(self.model, reason).inc()
 
-    def update_engine(self, stats: SchedulerStats, queue_times: Sequence[float] = ()) -> None:
-        """Called by the engine thread after each step (prometheus_client is thread-safe)."""
+    def update_engine(
+        self, stats: SchedulerStats, queue_times: Sequence[float] = (), timing: StepTiming | None = None
+    ) -> None:
+        """Called by the engine thread after each step (prometheus_client is thread-safe); `timing` is
+        the step's when it ran the model."""
         for seconds in queue_times:
             self.queue_time.observe(seconds)
+        if timing is not None:
+            self._steps.labels(self.model, timing.kind).inc()
+            self.step_tokens.inc(timing.num_tokens)
+            for phase in STEP_PHASES:
+                self._step_phase.labels(self.model, phase).observe(getattr(timing, f"{phase}_s"))
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)

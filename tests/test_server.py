@@ -263,6 +263,19 @@ def test_metrics_after_traffic_count_what_was_served(trained_outlier_model_dir) 
         assert 0 < ttft < e2e < 8 * 120
         assert 0 < delta(f"smoothserve_inter_token_latency_seconds_sum{model}") < e2e
         assert 0 <= delta(f"smoothserve_request_queue_time_seconds_sum{model}") < ttft
+        # Engine steps: every token fed to the model (prompts, less prefix-cache hits and plus recomputation
+        # after preemption, and all but the last generated token) in steps that are all eager on the CPU,
+        # each timed in every phase.
+        steps = 'smoothserve_engine_steps_total{{kind="{}",model="tiny"}}'
+        num_steps = delta(steps.format("eager"))
+        assert num_steps >= completion_tokens / 8 and delta(steps.format("decode_graph")) == 0
+        fed = delta(f"smoothserve_engine_step_tokens_total{model}")
+        assert fed >= completion_tokens - 8 + prompt_tokens - delta(f"smoothserve_prefix_cache_hits_total{model}")
+        phases = [f'smoothserve_engine_step_phase_seconds_{{}}{{{{model="tiny",phase="{p}"}}}}'
+                  for p in ("schedule", "forward", "sample", "postprocess")]  # fmt: skip
+        for phase in phases:
+            assert delta(phase.format("count")) == num_steps
+        assert delta(phases[1].format("sum")) > 0  # the CPU forward is the bulk of a step
         # Idle again: the gauges say so.
         for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
             assert after[f"smoothserve_{gauge}{model}"] == 0.0, gauge

@@ -53,3 +53,35 @@ def test_a_slower_w8a8_fails_and_failures_are_not_sustained() -> None:
     assert report["highest_sustained_fp16_rate"] == 2  # failed requests at 8 req/s
     throughput, ttft, itl = report["targets"]
     assert not throughput["pass"] and not ttft["pass"] and not itl["pass"]
+
+
+def test_step_profile_reads_a_servers_metrics(tmp_path) -> None:
+    from engine.llm_engine import StepTiming
+    from engine.scheduler import SchedulerStats
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+    metrics.update_engine(stats, (), StepTiming("eager", 600, 0.001, 0.030, 0.010, 0.002))
+    for _ in range(3):
+        metrics.update_engine(stats, (), StepTiming("decode_graph", 8, 0.001, 0.002, 0.012, 0.001))
+    metrics.update_engine(stats, (), None)  # an idle pass after aborts: not a step
+    profile = serving_report.step_profile(metrics.render().decode())
+    assert profile["steps"] == {"decode_graph": 3, "eager": 1}
+    assert math.isclose(profile["tokens_per_step"], (600 + 3 * 8) / 4)
+    expected = {"schedule": 1.0, "forward": (30 + 3 * 2) / 4, "sample": (10 + 3 * 12) / 4, "postprocess": 5 / 4}
+    assert profile["phase_ms_per_step"].keys() == expected.keys()
+    for phase, ms in expected.items():
+        assert math.isclose(profile["phase_ms_per_step"][phase], ms), phase
+
+    fp16 = _run([_summary(math.inf, 6.0, 760, 900, 90)])
+    w8a8 = _run([_summary(math.inf, 9.0, 1100, 800, 60)])
+    for name, run in (("fp16", fp16), ("w8a8", w8a8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps(run))
+    (tmp_path / "w8a8" / "metrics.txt").write_text(metrics.render().decode())  # the FP16 server's was not saved
+    written = serving_report.main(["--fp16", str(tmp_path / "fp16"), "--w8a8", str(tmp_path / "w8a8"),
+                                   "--device-name", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path)])  # fmt: skip
+    assert list(written["engine_steps"]) == ["w8a8"]
+    markdown = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+    assert "| w8a8 | 3 | 1 | 156.0 | 1.00 | 9.00 | 11.50 | 1.25 |" in markdown
