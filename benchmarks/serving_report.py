@@ -22,6 +22,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import git_commit, targets_table, write_report
+from engine.llm_engine import StepTiming
 
 THROUGHPUT_RATIO_TARGET = 1.6
 SUSTAINED_FRACTION = 0.9
@@ -114,7 +115,7 @@ def to_markdown(report: dict) -> str:
             f"{_fmt(r['itl_p50_ms'])} / {_fmt(r['itl_p99_ms'])} | {_fmt(r['tpot_p50_ms'])} | {_fmt(r['e2e_p99_ms'])} |"
         )
     if report.get("engine_steps"):
-        phases = ("schedule", "forward", "sample", "postprocess")
+        phases = StepTiming.PHASES
         header = " | ".join(f"{p} ms" for p in phases)
         lines += ["", "Engine steps over the whole run (host time per step; `sample` includes waiting for the GPU):",
                   "", f"| server | decode-graph steps | eager steps | tokens/step | {header} |",

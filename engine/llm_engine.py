@@ -42,12 +42,18 @@ class StepTiming:
     to finish them, at its first read of a result: a `forward` close to the whole step means the step
     is bound by the host, not the GPU. (No synchronization is added to measure it.)"""
 
-    kind: str  # "decode_graph" (a replayed CUDA graph) or "eager"
+    KINDS = ("decode_graph", "eager")  # a replayed CUDA graph, or kernels issued one by one
+    PHASES = ("schedule", "forward", "sample", "postprocess")
+
+    kind: str
     num_tokens: int
     schedule_s: float
     forward_s: float
     sample_s: float
     postprocess_s: float
+
+    def phase_seconds(self) -> dict[str, float]:
+        return {phase: getattr(self, f"{phase}_s") for phase in self.PHASES}
 
 
 @dataclass
@@ -87,7 +93,7 @@ class LLMEngine:
         self.config = config
         self.requests: dict[str, _Request] = {}
         self.failure: WorkerFailedError | None = None
-        self.last_step_timing: StepTiming | None = None  # of the last step that ran the model
+        self.last_step_timing: StepTiming | None = None  # of the last step, if it ran the model
         parallel = config.parallel.tensor_parallel_size > 1
         self.executor = TensorParallelExecutor(config) if parallel else None
         try:
@@ -196,6 +202,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.failure is not None:
             raise self.failure
+        self.last_step_timing = None
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
@@ -226,7 +233,7 @@ class LLMEngine:
             self.scheduler.update(scheduled, dict(zip(model_output.seq_ids, sampled.token_ids, strict=True)))
             outputs = self._postprocess(seqs, sampled)
         self.last_step_timing = StepTiming(
-            kind="decode_graph" if self.runner.last_step_used_graph else "eager",
+            kind=StepTiming.KINDS[0] if self.runner.last_step_used_graph else StepTiming.KINDS[1],
             num_tokens=scheduled.num_batched_tokens, schedule_s=scheduled_at - started,
             forward_s=issued_at - scheduled_at, sample_s=sampled_at - issued_at,
             postprocess_s=time.perf_counter() - sampled_at,

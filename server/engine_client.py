@@ -191,7 +191,6 @@ class EngineClient:
                         self.on_step(self.engine.stats(), (), None)
                     continue
                 step_started = time.monotonic()
-                self.engine.last_step_timing = None
                 for output in self.engine.step():
                     # The engine keeps mutating its outputs: hand over a copy.
                     self._deliver(output.request_id, output.snapshot())

@@ -16,8 +16,6 @@ __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024)
-STEP_PHASES = ("schedule", "forward", "sample", "postprocess")
-STEP_KINDS = ("decode_graph", "eager")
 REJECTION_REASONS = ("requests", "tokens", "shutdown")
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -74,9 +72,9 @@ class ServerMetrics:
             self._rejections.labels(model, reason)
         for reason in FINISH_REASONS:
             self._finished.labels(model, reason)
-        for phase in STEP_PHASES:
+        for phase in StepTiming.PHASES:
             self._step_phase.labels(model, phase)
-        for kind in STEP_KINDS:
+        for kind in StepTiming.KINDS:
             self._steps.labels(model, kind)
 
     def finished(self, finish_reason: str) -> None:
@@ -98,8 +96,8 @@ class ServerMetrics:
         if timing is not None:
             self._steps.labels(self.model, timing.kind).inc()
             self.step_tokens.inc(timing.num_tokens)
-            for phase in STEP_PHASES:
-                self._step_phase.labels(self.model, phase).observe(getattr(timing, f"{phase}_s"))
+            for phase, seconds in timing.phase_seconds().items():
+                self._step_phase.labels(self.model, phase).observe(seconds)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
