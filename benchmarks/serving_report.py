@@ -46,7 +46,7 @@ def step_profile(metrics_text: str) -> dict:
             elif sample.name == "smoothserve_engine_step_tokens_total":
                 tokens = sample.value
     total = sum(steps.values())
-    return {"steps": steps, "tokens_per_step": tokens / total if total else None,
+    return {"steps": steps, "tokens_per_step": tokens / total if total else None, "engine_s": sum(phase_sums.values()),
             "phase_ms_per_step": {phase: 1e3 * value / total if total else None
                                   for phase, value in phase_sums.items()}}  # fmt: skip
 
@@ -118,13 +118,15 @@ def to_markdown(report: dict) -> str:
         phases = StepTiming.PHASES
         header = " | ".join(f"{p} ms" for p in phases)
         lines += ["", "Engine steps over the whole run (host time per step; `sample` includes waiting for the GPU):",
-                  "", f"| server | decode-graph steps | eager steps | tokens/step | {header} |",
-                  "|---|---|---|---|" + "---|" * len(phases)]  # fmt: skip
+                  "", f"| server | decode-graph steps | eager steps | tokens/step | {header} | engine busy |",
+                  "|---|---|---|---|" + "---|" * (len(phases) + 1)]  # fmt: skip
         for name, profile in report["engine_steps"].items():
             per_phase = profile["phase_ms_per_step"]
+            busy = profile.get("busy_fraction")
             lines.append(f"| {name} | {profile['steps'].get('decode_graph', 0):.0f} | "
                          f"{profile['steps'].get('eager', 0):.0f} | {_fmt(profile['tokens_per_step'])} | "
-                         + " | ".join(_fmt(per_phase.get(p), 2) for p in phases) + " |")  # fmt: skip
+                         + " | ".join(_fmt(per_phase.get(p), 2) for p in phases)
+                         + f" | {_fmt(None if busy is None else 100 * busy)} % |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
               **compare(fp16, w8a8)}  # fmt: skip
     saved = {name: path / "metrics.txt" for name, path in (("fp16", args.fp16), ("w8a8", args.w8a8))}
     profiles = {name: step_profile(path.read_text()) for name, path in saved.items() if path.exists()}
+    for name, profile in profiles.items():
+        # The share of the loads' wall time the engine spent inside its steps (warm-up requests count
+        # too, so it reads a little high): far below 100 % at saturation means the steps wait on
+        # something else, such as the server's event loop.
+        run_s = sum(load.get("duration_s", 0.0) for load in (fp16 if name == "fp16" else w8a8)["loads"])
+        profile["busy_fraction"] = profile["engine_s"] / run_s if run_s else None
     if profiles:
         report["engine_steps"] = profiles
     markdown = to_markdown(report)

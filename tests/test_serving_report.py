@@ -75,7 +75,7 @@ def test_step_profile_reads_a_servers_metrics(tmp_path) -> None:
         assert math.isclose(profile["phase_ms_per_step"][phase], ms), phase
 
     fp16 = _run([_summary(math.inf, 6.0, 760, 900, 90)])
-    w8a8 = _run([_summary(math.inf, 9.0, 1100, 800, 60)])
+    w8a8 = _run([{**_summary(math.inf, 9.0, 1100, 800, 60), "duration_s": 0.2}])
     for name, run in (("fp16", fp16), ("w8a8", w8a8)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "bench.json").write_text(json.dumps(run))
@@ -84,4 +84,5 @@ def test_step_profile_reads_a_servers_metrics(tmp_path) -> None:
                                    "--device-name", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path)])  # fmt: skip
     assert list(written["engine_steps"]) == ["w8a8"]
     markdown = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
-    assert "| w8a8 | 3 | 1 | 156.0 | 1.00 | 9.00 | 11.50 | 1.25 |" in markdown
+    # The loads took 0.2 s, the engine's steps 0.091 s of it.
+    assert "| w8a8 | 3 | 1 | 156.0 | 1.00 | 9.00 | 11.50 | 1.25 | 45.5 % |" in markdown
