@@ -138,19 +138,25 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     logits = suppress_stops_before_min_tokens(apply_penalties(logits.float().clone(), rows), rows)
     device = logits.device
     temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
-    top_k = torch.tensor([r.params.top_k for r in rows], device=device)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
-    logits = _filter_top_k_top_p(logits / temperature[:, None], top_k, top_p)
+    logits = logits / temperature[:, None]
+    # The full-vocabulary sort of top-k / top-p only where some row asks for it (a server's default).
+    if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
+        top_k = torch.tensor([r.params.top_k for r in rows], device=device)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+        logits = _filter_top_k_top_p(logits, top_k, top_p)
     logprobs = logits.log_softmax(dim=-1)
 
-    # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) draws from p.
-    noise = torch.empty_like(logprobs).exponential_()
-    for index, row in enumerate(rows):
-        if row.generator is not None:
-            noise[index] = torch.empty(noise.shape[-1], device=device).exponential_(generator=row.generator)
-    sampled = (logprobs.exp() / noise).argmax(dim=-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], dtype=torch.bool, device=device)
-    chosen = torch.where(greedy, logprobs.argmax(dim=-1), sampled)
+    if all(r.params.greedy for r in rows):
+        chosen = logprobs.argmax(dim=-1)
+    else:
+        # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty_like(logprobs).exponential_()
+        for index, row in enumerate(rows):
+            if row.generator is not None:
+                noise[index] = torch.empty(noise.shape[-1], device=device).exponential_(generator=row.generator)
+        sampled = (logprobs.exp() / noise).argmax(dim=-1)
+        greedy = torch.tensor([r.params.greedy for r in rows], dtype=torch.bool, device=device)
+        chosen = torch.where(greedy, logprobs.argmax(dim=-1), sampled)
 
     chosen_logprobs = logprobs.gather(-1, chosen[:, None]).squeeze(-1)
     top: list[list[tuple[int, float]]] = []

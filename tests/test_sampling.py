@@ -50,6 +50,19 @@ def test_temperature_zero_is_greedy() -> None:
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
+def test_unfiltered_rows_report_the_full_softmax_and_mixed_batches_keep_greedy_rows_greedy() -> None:
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 4
+    greedy = sample(logits, rows(SamplingParams(temperature=0.0, logprobs=3), 4))
+    full = logits.log_softmax(-1)  # no top-k / top-p: nothing is cut, however small its probability
+    assert greedy.logprobs == full.gather(-1, full.argmax(-1, keepdim=True)).squeeze(-1).tolist()
+    assert [[t for t, _ in top] for top in greedy.top_logprobs] == full.topk(3).indices.tolist()
+    warm = rows(SamplingParams(temperature=0.7, seed=3), 2, seed=3)
+    mixed = sample(logits, rows(SamplingParams(temperature=0.0), 2) + warm)
+    assert mixed.token_ids[:2] == logits[:2].argmax(-1).tolist()
+    assert torch.allclose(torch.tensor(mixed.logprobs[2:]), (logits[2:] / 0.7).log_softmax(-1).gather(
+        -1, torch.tensor(mixed.token_ids[2:])[:, None]).squeeze(-1))  # fmt: skip
+
+
 def exact_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The straightforward definition: scale, keep the k best, then the smallest set reaching top_p."""
     probs = (logits / temperature).softmax(-1)
