@@ -35,7 +35,9 @@ for stage in $stages; do
         kernels) run python3 -m benchmarks.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -20 ;;
         latency) run python3 -m benchmarks.latency --out "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -40 ;;
         fidelity) run python3 -m benchmarks.fidelity --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" | tail -30 ;;
-        serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" run bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+        # Rates and request counts that fit one call beside the other stages (the script's own defaults
+        # take far longer); each server's /metrics comes back in its serving-<variant>/ folder.
+        serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" RATES=${RATES:-4,8,inf} NUM_PROMPTS=${NUM_PROMPTS:-96} run bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
         pytest) run python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
         profile) IFS='|' read -ra runs <<< "${PROFILE_ARGS:-}"
                  for a in "${runs[@]:-}"; do run python3 -m benchmarks.profile_step $a 2>&1 | tee -a "$OUT/profile.log"; done ;;
