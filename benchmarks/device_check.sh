@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: build the extension, then the stages named (default: tests kernels).
-#   bash benchmarks/device_check.sh [tests] [kernels] [latency] [fidelity] [serving] [profile]
-# (pytest: python -m pytest $PYTEST_ARGS; profile: benchmarks/profile_step.py once per '|'-separated argument list in $PROFILE_ARGS)
+#   bash benchmarks/device_check.sh [tests] [kernels] [latency] [fidelity] [serving] [profile] [pytest]
+# (profile: benchmarks/profile_step.py once per '|'-separated argument list in $PROFILE_ARGS;
+#  pytest: python -m pytest $PYTEST_ARGS). Everything written ends in $OUT/results.tgz at the end.
 # Needs the nvidia-cutlass wheel (and the server's wheels) in .whl/ (carried). Logs, results and the
 # built .so (gzipped, to carry into the next call) go to $OUT. DEADLINE (seconds, default 570) bounds
 # the whole call: each stage gets what is left, so a slow stage cannot eat the output of the others.
@@ -45,3 +46,12 @@ for stage in $stages; do
     esac
     echo "$stage: $(( $(date +%s) - start )) s"
 done
+
+# At most 8 files come back from a device call: everything goes into one archive, beside which the
+# built .so and the reports' markdown stay readable as they are.
+archive=$(mktemp -d)/results.tgz
+( cd "$OUT" && tar czf "$archive" --exclude='*.so.gz' . \
+    && find . -mindepth 1 -type f ! -name '*.so.gz' ! -name '*.md' -delete \
+    && find . -mindepth 2 -name '*.md' -delete && find . -mindepth 1 -type d -empty -delete \
+    && mv "$archive" results.tgz )
+ls "$OUT"
