@@ -39,6 +39,11 @@ class ServerShuttingDownError(RuntimeError):
 StepCallback = Callable[[SchedulerStats, Sequence[float], StepTiming | None], None]
 
 
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for target, item in puts:
+        target.put_nowait(item)
+
+
 class EngineClient:
     def __init__(self, engine: LLMEngine, on_step: StepCallback | None = None) -> None:
         self.engine = engine
@@ -132,11 +137,19 @@ class EngineClient:
     # Engine thread
 
     def _deliver(self, request_id: str, item: object) -> None:
-        # A finished (or failed) request stops counting as admitted here, even if nobody reads it.
-        last = isinstance(item, BaseException) or getattr(item, "finished", False)
-        target = self._release(request_id) if last else self._queues.get(request_id)
-        if target is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(target.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand items to their streams with one wake-up of the event loop (a step's outputs go together)."""
+        puts = []
+        for request_id, item in items:
+            # A finished (or failed) request stops counting as admitted here, even if nobody reads it.
+            last = isinstance(item, BaseException) or getattr(item, "finished", False)
+            target = self._release(request_id) if last else self._queues.get(request_id)
+            if target is not None:
+                puts.append((target, item))
+        if puts and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, puts)
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
@@ -191,9 +204,8 @@ class EngineClient:
                         self.on_step(self.engine.stats(), (), None)
                     continue
                 step_started = time.monotonic()
-                for output in self.engine.step():
-                    # The engine keeps mutating its outputs: hand over a copy.
-                    self._deliver(output.request_id, output.snapshot())
+                # The engine keeps mutating its outputs: hand over copies.
+                self._deliver_all([(output.request_id, output.snapshot()) for output in self.engine.step()])
                 if self.on_step is not None:
                     self.on_step(self.engine.stats(), self._queue_times(step_started), self.engine.last_step_timing)
         except BaseException as error:
