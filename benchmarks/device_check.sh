@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH  # py-spy, where its wheel was carried
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 call_start=$(date +%s)
@@ -38,7 +38,8 @@ for stage in $stages; do
         fidelity) run python3 -m benchmarks.fidelity --out "$OUT" 2>&1 | tee "$OUT/fidelity.log" | tail -30 ;;
         # Rates and request counts that fit one call beside the other stages (the script's own defaults
         # take far longer); each server's /metrics comes back in its serving-<variant>/ folder.
-        serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" RATES=${RATES:-4,8,inf} NUM_PROMPTS=${NUM_PROMPTS:-96} run bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+        serving) OUT="$OUT" SMOOTHSERVE="python3 -m engine.cli" RATES=${RATES:-4,8,inf} NUM_PROMPTS=${NUM_PROMPTS:-96} PROFILE_SERVER=1 run bash benchmarks/serving_compare.sh 2>&1 | tee "$OUT/serving.log" | tail -30
+                 for spy in "$OUT"/serving-*/pyspy.txt; do [ -e "$spy" ] && python3 -m benchmarks.pyspy_summary "$spy"; done ;;
         pytest) run python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$OUT/pytest.log" | tail -40 ;;
         profile) IFS='|' read -ra runs <<< "${PROFILE_ARGS:-}"
                  for a in "${runs[@]:-}"; do run python3 -m benchmarks.profile_step $a 2>&1 | tee -a "$OUT/profile.log"; done ;;

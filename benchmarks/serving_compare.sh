@@ -11,6 +11,9 @@ OUT=${OUT:-benchmarks/results}
 RATES=${RATES:-1,4,8,16,32,inf}
 NUM_PROMPTS=${NUM_PROMPTS:-200}
 PORT=${PORT:-8123}
+# PROFILE_SERVER=1: sample each server with py-spy while it is under load (py-spy on PATH), into
+# serving-<variant>/pyspy.txt (`python -m benchmarks.pyspy_summary` reads it).
+PROFILE_SERVER=${PROFILE_SERVER:-}
 # The CLI: the installed `smoothserve`, or (an in-place build, as benchmarks/device_check.sh makes) the module.
 read -r -a SMOOTHSERVE <<< "${SMOOTHSERVE:-smoothserve}"
 work=$(mktemp -d)
@@ -32,8 +35,16 @@ for variant in fp16 w8a8; do
         kill -0 "$server_pid" 2>/dev/null || { tail -30 "$OUT/serve-$variant.log"; exit 1; }
         sleep 1
     done
+    spy_pid=
+    if [ -n "$PROFILE_SERVER" ] && command -v py-spy > /dev/null; then
+        mkdir -p "$OUT/serving-$variant"
+        py-spy record -p "$server_pid" -f raw -o "$OUT/serving-$variant/pyspy.txt" --threads --idle -r 100 \
+            --nonblocking > "$OUT/serving-$variant/pyspy.log" 2>&1 &
+        spy_pid=$!
+    fi
     "${SMOOTHSERVE[@]}" bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
         --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --out "$OUT/serving-$variant"
+    if [ -n "$spy_pid" ]; then kill -INT "$spy_pid"; wait "$spy_pid" || true; fi
     # Where the engine's steps spent their time under that load (serving_report reads it).
     curl -sf "http://127.0.0.1:$PORT/metrics" > "$OUT/serving-$variant/metrics.txt" || true
     kill -TERM "$server_pid"
