@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.latency import BLOCK_SIZE, Settings, _step, architecture, build_model
 from engine.config import CacheConfig, SchedulerConfig
 from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
+from engine.sampling import SamplingParams, SamplingRow, sample
 
 
 def kernel_table(fn, steps: int, rows: int) -> str:
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--sample", action="store_true", help="include greedy sampling of the step's logits, "
+                        "as a server's step does")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda")
     settings = Settings(device, torch.float16, (max(args.prefill, 1),), (args.batch,), args.context, 1, 0.9)
@@ -68,7 +71,13 @@ def main() -> None:
     runner = ModelRunner(model, cache, num_blocks, device, torch.float16, max_model_len=arch.max_position_embeddings,
                          max_num_seqs=args.batch, enforce_eager=args.eager)  # fmt: skip
     decode, sequences = _step([(args.context, 1)] * args.batch)
-    run_decode = lambda: runner.execute(decode, sequences)  # noqa: E731
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+
+    def run_decode():
+        output = runner.execute(decode, sequences)
+        if args.sample:
+            sample(output.logits, [SamplingRow(greedy, [], [], None, None) for _ in output.seq_ids])
+
     print(f"== {args.model} {args.variant} decode batch {args.batch} context {args.context}: "
           f"{wall_ms(run_decode, args.steps):.3f} ms/step wall")  # fmt: skip
     print(kernel_table(run_decode, args.steps, args.rows))
