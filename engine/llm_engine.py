@@ -94,6 +94,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.failure: WorkerFailedError | None = None
         self.last_step_timing: StepTiming | None = None  # of the last step, if it ran the model
+        self.last_step_request_ids: tuple[str, ...] = ()  # the requests the last step scheduled
         parallel = config.parallel.tensor_parallel_size > 1
         self.executor = TensorParallelExecutor(config) if parallel else None
         try:
@@ -205,6 +206,9 @@ class LLMEngine:
         self.last_step_timing = None
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        self.last_step_request_ids = tuple(
+            dict.fromkeys(self.scheduler.sequences[s.seq_id].data.request_id for s in scheduled.scheduled)
+        )
         if scheduled.is_empty:
             return []
         scheduled_at = time.perf_counter()

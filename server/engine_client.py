@@ -19,7 +19,6 @@ from engine.llm_engine import LLMEngine, StepTiming
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerStats
-from engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -176,14 +175,13 @@ class EngineClient:
         self.engine.abort_request(request_id)
 
     def _queue_times(self, step_started: float) -> list[float]:
-        """Queue times of the requests that were scheduled for the first time in the step just run."""
+        """Queue times of the requests that were scheduled for the first time in the step just run
+        (looked up among the step's requests: the waiting ones are never scanned)."""
         started = []
-        for request_id, admitted_at in list(self._admitted_at.items()):
-            request = self.engine.requests.get(request_id)
-            # Gone from the engine without an abort: it was scheduled, and finished, in this very step.
-            if request is None or any(seq.status != SequenceStatus.WAITING for seq in request.seqs):
+        for request_id in self.engine.last_step_request_ids:
+            admitted_at = self._admitted_at.pop(request_id, None)
+            if admitted_at is not None:
                 started.append(step_started - admitted_at)
-                del self._admitted_at[request_id]
         return started
 
     def _run(self) -> None:
