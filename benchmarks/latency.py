@@ -30,6 +30,7 @@ from torch import nn
 
 from benchmarks.common import copy_bandwidth_gbs, provenance, release_memory, targets_table, write_report
 from engine.config import CacheConfig, QuantConfig, SchedulerConfig
+from engine.eval.run import model_bytes
 from engine.eval.timing import timed
 from engine.model_runner import ModelRunner, determine_num_blocks, kv_bytes_per_block, profile_activation_bytes
 from engine.models.loader import default_dtype, empty_model, fill_random
@@ -89,11 +90,6 @@ def build_hf_model(arch: OPTArchitecture, settings: Settings) -> nn.Module:
         model = HFOPTForCausalLM(config).eval()
     fill_random(model, seed=0)  # by state-dict names, which transformers' OPT shares with ours
     return model
-
-
-def model_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from engine.eval.lambada import LambadaSample, evaluate_lambada, prepare_lambada
 from engine.eval.perplexity import score_stream
@@ -23,12 +24,17 @@ def prepare_inputs(settings: EvalSettings, tokenizer: Tokenizer, texts: list[str
     return torch.tensor(ids[: settings.limit_tokens] if settings.limit_tokens else ids)
 
 
-def model_size_gb(model: OPTForCausalLM) -> float:
-    """Bytes of every parameter and buffer (tied tensors once), in GB (10^9)."""
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of the state dict, tied tensors once."""
     seen: dict[tuple[int, int], int] = {}
     for tensor in model.state_dict().values():
         seen[(tensor.untyped_storage().data_ptr(), tensor.storage_offset())] = tensor.numel() * tensor.element_size()
-    return sum(seen.values()) / 1e9
+    return sum(seen.values())
+
+
+def model_size_gb(model: OPTForCausalLM) -> float:
+    """`model_bytes` in GB (10^9)."""
+    return model_bytes(model) / 1e9
 
 
 def evaluate_model(model: OPTForCausalLM, inputs: TaskInputs, settings: EvalSettings, variant: str) -> EvalRow:
