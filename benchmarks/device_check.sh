@@ -4,7 +4,8 @@
 # (profile: benchmarks/profile_step.py once per '|'-separated argument list in $PROFILE_ARGS;
 #  pytest: python -m pytest $PYTEST_ARGS). Everything written ends in $OUT/results.tgz at the end.
 # Needs the nvidia-cutlass wheel (and the server's wheels) in .whl/ (carried). Logs, results and the
-# built .so (gzipped, to carry into the next call) go to $OUT. DEADLINE (seconds, default 570) bounds
+# built .so (gzipped, with the stamp of its sources: copy both into engine/ and carry them into the next
+# call) go to $OUT. DEADLINE (seconds, default 570) bounds
 # the whole call: each stage gets what is left, so a slow stage cannot eat the output of the others.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -17,12 +18,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 call_start=$(date +%s)
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - call_start) )); }
 start=$(date +%s)
-for gz in engine/_C*.so.gz; do [ -e "$gz" ] && gunzip -kf "$gz"; done
+# A carried build (engine/_C*.so.gz with engine/_C.stamp, both from an earlier call's $OUT) is used only
+# if it was built from these very sources; otherwise the extension is built again.
+sources=$(find csrc setup.py -type f | sort | xargs cat | sha1sum | cut -d' ' -f1)
+if [ "$(cat engine/_C.stamp 2>/dev/null)" = "$sources" ]; then
+    for gz in engine/_C*.so.gz; do [ -e "$gz" ] && gunzip -kf "$gz"; done
+else
+    rm -f engine/_C*.so engine/_C*.so.gz
+fi
 if ! ls engine/_C*.so >/dev/null 2>&1; then
     MAX_JOBS=16 SMOOTHSERVE_BUILD_EXT=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
         || { tail -60 "$OUT/build.log"; exit 1; }
 fi
 for so in engine/_C*.so; do gzip -1c "$so" > "$OUT/$(basename "$so").gz"; done
+echo "$sources" > "$OUT/_C.stamp"
 echo "build: $(( $(date +%s) - start )) s"
 
 stages=${*:-tests kernels}
@@ -52,7 +61,7 @@ done
 # built .so and the reports' markdown stay readable as they are.
 archive=$(mktemp -d)/results.tgz
 ( cd "$OUT" && tar czf "$archive" --exclude='*.so.gz' . \
-    && find . -mindepth 1 -type f ! -name '*.so.gz' ! -name '*.md' -delete \
+    && find . -mindepth 1 -type f ! -name '*.so.gz' ! -name '_C.stamp' ! -name '*.md' -delete \
     && find . -mindepth 2 -name '*.md' -delete && find . -mindepth 1 -type d -empty -delete \
     && mv "$archive" results.tgz )
 ls "$OUT"
