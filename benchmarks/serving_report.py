@@ -144,13 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
                           f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
               **compare(fp16, w8a8)}  # fmt: skip
-    saved = {name: path / "metrics.txt" for name, path in (("fp16", args.fp16), ("w8a8", args.w8a8))}
-    profiles = {name: step_profile(path.read_text()) for name, path in saved.items() if path.exists()}
-    for name, profile in profiles.items():
+    profiles = {}
+    for name, directory, run in (("fp16", args.fp16, fp16), ("w8a8", args.w8a8, w8a8)):
+        if not (directory / "metrics.txt").exists():
+            continue
+        profile = profiles[name] = step_profile((directory / "metrics.txt").read_text())
         # The share of the loads' wall time the engine spent inside its steps (warm-up requests count
         # too, so it reads a little high): far below 100 % at saturation means the steps wait on
         # something else, such as the server's event loop.
-        run_s = sum(load.get("duration_s", 0.0) for load in (fp16 if name == "fp16" else w8a8)["loads"])
+        run_s = sum(load.get("duration_s", 0.0) for load in run["loads"])
         profile["busy_fraction"] = profile["engine_s"] / run_s if run_s else None
     if profiles:
         report["engine_steps"] = profiles

@@ -70,13 +70,17 @@ def test_extension_is_loaded_on_gpu_machines() -> None:
 @pytest.mark.parametrize("m", M_SWEEP)
 @pytest.mark.parametrize("hidden", OPT_HIDDEN)
 def test_w8a8_gemm_over_opt_shapes(m: int, hidden: int) -> None:
+    _check_opt_layers(m, hidden, seed=m * 131 + hidden)
+
+
+def _check_opt_layers(m: int, hidden: int, seed: int) -> None:
+    """Every layer shape of `hidden` at M = m, rotating through the epilogue options so every shape
+    bucket meets each of them."""
     for index, (n, k) in enumerate(_layer_shapes(hidden)):
         if m * max(n, k) * 8 > 6e9:  # the float64 reference would need too much memory
             continue
-        # Rotate through the epilogue options so every shape bucket meets each of them.
-        seed = m * 131 + hidden + index
         dtype = torch.float16 if index % 2 == 0 else torch.bfloat16
-        _check_gemm(m, n, k, seed, per_token=index % 2 == 0, per_channel=index < 2,
+        _check_gemm(m, n, k, seed + index, per_token=index % 2 == 0, per_channel=index < 2,
                     with_bias=index != 3, relu=index == 2, dtype=dtype)  # fmt: skip
 
 
@@ -153,13 +157,7 @@ def test_gemm_arch_variable_selects_the_kernel_family(monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("m", SM80_M_SWEEP)
 @pytest.mark.parametrize("hidden", [128, 768, 5120, 7168])
 def test_sm80_w8a8_gemm_over_opt_shapes(sm80_kernels, m: int, hidden: int) -> None:
-    for index, (n, k) in enumerate(_layer_shapes(hidden)):
-        if m * max(n, k) * 8 > 6e9:  # the float64 reference would need too much memory
-            continue
-        seed = m * 137 + hidden + index
-        dtype = torch.float16 if index % 2 == 0 else torch.bfloat16
-        _check_gemm(m, n, k, seed, per_token=index % 2 == 0, per_channel=index < 2,
-                    with_bias=index != 3, relu=index == 2, dtype=dtype)  # fmt: skip
+    _check_opt_layers(m, hidden, seed=m * 137 + hidden)
 
 
 @pytest.mark.parametrize("m", [1, 32, 33, 128, 129, 1024])
