@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import copy_bandwidth_gbs, provenance, release_memory, targets_table, write_report
-from engine.config import CacheConfig, QuantConfig, SchedulerConfig
+from engine.config import CacheConfig, KVCacheDType, QuantConfig, SchedulerConfig
 from engine.eval.run import model_bytes
 from engine.eval.timing import timed
 from engine.model_runner import ModelRunner, determine_num_blocks, kv_bytes_per_block, profile_activation_bytes
@@ -40,7 +40,8 @@ from engine.quant.quantize import chain_static_requantization
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
 
-VARIANTS = ("w8a8-O1", "w8a8-O3", "fp16", "hf-fp16")
+# "-kv8": the same model with an int8 KV cache.
+VARIANTS = ("w8a8-O1", "w8a8-O3", "w8a8-O3-kv8", "fp16", "hf-fp16")
 BLOCK_SIZE = 16
 VOCAB = 50272
 TINY_VOCAB = 512
@@ -70,6 +71,10 @@ def architecture(shape_name: str) -> OPTArchitecture:
 
 # --------------------------------------------------------------------------------------------------
 # Random models, built where they run
+
+
+def kv_cache_dtype(variant: str) -> KVCacheDType:
+    return "int8" if variant.endswith("-kv8") else "auto"
 
 
 def build_model(arch: OPTArchitecture, variant: str, settings: Settings) -> OPTForCausalLM:
@@ -137,7 +142,7 @@ def bench_smoothserve(arch: OPTArchitecture, variant: str, settings: Settings, c
     scheduler = SchedulerConfig(max_num_batched_tokens=max_prefill, max_num_seqs=max(settings.batches))
     cpu_blocks = max(_blocks_for(max_prefill), max(settings.batches) * _blocks_for(settings.context + 1))
     cache = CacheConfig(block_size=BLOCK_SIZE, gpu_memory_utilization=settings.gpu_memory_utilization,
-                        num_cpu_blocks=cpu_blocks)  # fmt: skip
+                        num_cpu_blocks=cpu_blocks, kv_cache_dtype=kv_cache_dtype(variant))  # fmt: skip
     activation = 0
     if settings.device.type == "cuda":
         activation = profile_activation_bytes(model, scheduler, arch.max_position_embeddings)
@@ -145,7 +150,7 @@ def bench_smoothserve(arch: OPTArchitecture, variant: str, settings: Settings, c
     runner = ModelRunner(model, cache, num_blocks, settings.device, settings.dtype,
                          max_model_len=arch.max_position_embeddings, max_num_seqs=max(settings.batches),
                          enforce_eager=False)  # fmt: skip
-    kv_per_token = kv_bytes_per_block(model, BLOCK_SIZE, settings.dtype) // BLOCK_SIZE
+    kv_per_token = kv_bytes_per_block(model, cache, settings.dtype) // BLOCK_SIZE
     result: dict = {"weights_gb": weights / 1e9, "kv_capacity_tokens": num_blocks * BLOCK_SIZE,
                     "activation_peak_gb": activation / 1e9, "prefill": [], "decode": []}  # fmt: skip
     for n in settings.prefill_lens:

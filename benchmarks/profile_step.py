@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.latency import BLOCK_SIZE, Settings, _step, architecture, build_model
+from benchmarks.latency import BLOCK_SIZE, Settings, _step, architecture, build_model, kv_cache_dtype
 from engine.config import CacheConfig, SchedulerConfig
 from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
 from engine.sampling import SamplingParams, SamplingRow, sample
@@ -65,7 +65,9 @@ def main() -> None:
     arch = architecture(args.model)
     model = build_model(arch, args.variant, settings)
     scheduler = SchedulerConfig(max_num_batched_tokens=max(args.prefill, 512), max_num_seqs=max(args.batch, 1))
-    cache = CacheConfig(block_size=BLOCK_SIZE, gpu_memory_utilization=0.9, num_cpu_blocks=1)
+    cache = CacheConfig(
+        block_size=BLOCK_SIZE, gpu_memory_utilization=0.9, num_cpu_blocks=1, kv_cache_dtype=kv_cache_dtype(args.variant)
+    )
     activation = profile_activation_bytes(model, scheduler, arch.max_position_embeddings)
     num_blocks = determine_num_blocks(model, cache, device, torch.float16, activation)
     runner = ModelRunner(model, cache, num_blocks, device, torch.float16, max_model_len=arch.max_position_embeddings,

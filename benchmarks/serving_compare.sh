@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # FP16 against W8A8 serving on one GPU: start `smoothserve serve` on random weights at a real OPT shape,
-# first in FP16 then in W8A8, drive each with the same load (`smoothserve bench`: input 512, output 128,
+# in FP16, in W8A8 and in W8A8 with an int8 KV cache (VARIANTS="fp16 w8a8" leaves that one out), drive each
+# with the same load (`smoothserve bench`: input 512, output 128,
 # Poisson arrivals at rising rates up to saturation), and write serving-<device>.{json,md} and the plots.
 #   bash benchmarks/serving_compare.sh [shape]        # default opt-13b; OUT (default benchmarks/results)
 #   RATES=1,4,8,16,32,inf NUM_PROMPTS=200 bash benchmarks/serving_compare.sh
@@ -24,10 +25,14 @@ trap cleanup EXIT
 # A tokenizer for the random model (the weights never come from this directory).
 "${SMOOTHSERVE[@]}" make-tiny-model "$work/tokenizer" > "$work/make-tiny-model.log" 2>&1
 
-for variant in fp16 w8a8; do
+VARIANTS=${VARIANTS:-fp16 w8a8 w8a8-kv8}
+for variant in $VARIANTS; do
     args=(--model "random:$SHAPE" --load-format random --tokenizer "$work/tokenizer" --dtype float16
           --port "$PORT" --max-num-seqs 256 --served-model-name "$SHAPE-$variant")
-    [ "$variant" = w8a8 ] && args+=(--quantization w8a8)
+    case $variant in
+        w8a8) args+=(--quantization w8a8) ;;
+        w8a8-kv8) args+=(--quantization w8a8 --kv-cache-dtype int8) ;;
+    esac
     "${SMOOTHSERVE[@]}" serve "${args[@]}" > "$OUT/serve-$variant.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 600); do  # loading, quantizing, CUDA graph capture
@@ -53,5 +58,7 @@ for variant in fp16 w8a8; do
 done
 
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
-python3 -m benchmarks.serving_report --fp16 "$OUT/serving-fp16" --w8a8 "$OUT/serving-w8a8" \
+extra=()
+[ -e "$OUT/serving-w8a8-kv8/bench.json" ] && extra=(--w8a8-kv8 "$OUT/serving-w8a8-kv8")
+python3 -m benchmarks.serving_report --fp16 "$OUT/serving-fp16" --w8a8 "$OUT/serving-w8a8" "${extra[@]}" \
     --device-name "$device" --model "$SHAPE" --out "$OUT"

@@ -1,11 +1,11 @@
-"""Combine two `smoothserve bench` runs (FP16 and W8A8 servers under the same load) into
-serving-<device>.{json,md} with the evaluation issue's targets.
+"""Combine `smoothserve bench` runs (FP16 and W8A8 servers under the same load; optionally W8A8 with an
+int8 KV cache too) into serving-<device>.{json,md} with the evaluation issue's targets.
 
-    python -m benchmarks.serving_report --fp16 DIR --w8a8 DIR --device-name "NVIDIA H100 80GB HBM3" --out DIR
+    python -m benchmarks.serving_report --fp16 DIR --w8a8 DIR [--w8a8-kv8 DIR] --device-name "NVIDIA H100 80GB HBM3"
 
 Targets: W8A8 output tokens/s at saturation (the best rate) >= 1.6 x FP16's; at the highest request rate
 FP16 sustains (every request completed and its throughput within 10 % of the offered rate, or the inf
-rate), W8A8's p99 TTFT and p99 inter-token latency <= FP16's.
+rate), W8A8's p99 TTFT and p99 inter-token latency <= FP16's. Each W8A8 server is judged on its own.
 
 Where a server's /metrics was saved after its load (metrics.txt beside bench.json), the report adds where
 its engine steps spent their time: steps by kind (CUDA-graph decode or eager) and the mean host time per
@@ -26,6 +26,8 @@ from engine.llm_engine import StepTiming
 
 THROUGHPUT_RATIO_TARGET = 1.6
 SUSTAINED_FRACTION = 0.9
+# How each server is named in the targets.
+LABELS = {"w8a8": "W8A8", "w8a8-kv8": "W8A8 with int8 KV cache"}
 
 
 def load(path: Path) -> dict:
@@ -63,38 +65,45 @@ def _rate(value: float | str) -> float:
     return float(value)
 
 
-def compare(fp16: dict, w8a8: dict) -> dict:
+def compare(fp16: dict, w8a8: dict, extra: dict[str, dict] | None = None) -> dict:
+    """Targets for the W8A8 server (and for each `extra` one, by name) against FP16, at the rates all ran."""
+
     def by_rate(run: dict) -> dict[float, dict]:
         return {_rate(summary["request_rate"]): summary for summary in run["loads"]}
 
-    fp16_loads, w8a8_loads = by_rate(fp16), by_rate(w8a8)
-    rates = sorted(set(fp16_loads) & set(w8a8_loads))
-    best = {name: max(s["output_token_throughput"] for s in loads.values())
-            for name, loads in (("fp16", fp16_loads), ("w8a8", w8a8_loads))}  # fmt: skip
+    servers = {"fp16": by_rate(fp16), "w8a8": by_rate(w8a8), **{n: by_rate(r) for n, r in (extra or {}).items()}}
+    fp16_loads = servers["fp16"]
+    rates = sorted(set.intersection(*(set(loads) for loads in servers.values())))
+    best = {name: max(s["output_token_throughput"] for s in loads.values()) for name, loads in servers.items()}
     finite_sustained = [r for r in rates if not math.isinf(r) and sustained(fp16_loads[r])]
     highest = max(finite_sustained) if finite_sustained else None
-    targets = [{
-        "target": f"W8A8 output tokens/s at saturation >= {THROUGHPUT_RATIO_TARGET} x FP16's",
-        "value": best["w8a8"] / best["fp16"] if best["fp16"] else None,
-        "pass": bool(best["fp16"]) and best["w8a8"] >= THROUGHPUT_RATIO_TARGET * best["fp16"],
-    }]  # fmt: skip
-    for metric, label in (("ttft_ms", "p99 TTFT"), ("itl_ms", "p99 inter-token latency")):
-        if highest is None:
-            targets.append({"target": f"W8A8 {label} <= FP16's at FP16's highest sustained rate", "value": None,
-                            "pass": False})  # fmt: skip
+    targets = []
+    for name, loads in servers.items():
+        if name == "fp16":
             continue
-        ours, theirs = w8a8_loads[highest][metric].get("p99"), fp16_loads[highest][metric].get("p99")
+        label = LABELS.get(name, name)
         targets.append({
-            "target": f"W8A8 {label} <= FP16's at {highest:g} req/s (FP16's highest sustained rate)",
-            "value": ours / theirs if ours is not None and theirs else None,
-            "pass": ours is not None and theirs is not None and ours <= theirs,
+            "target": f"{label} output tokens/s at saturation >= {THROUGHPUT_RATIO_TARGET} x FP16's",
+            "value": best[name] / best["fp16"] if best["fp16"] else None,
+            "pass": bool(best["fp16"]) and best[name] >= THROUGHPUT_RATIO_TARGET * best["fp16"],
         })  # fmt: skip
+        for metric, what in (("ttft_ms", "p99 TTFT"), ("itl_ms", "p99 inter-token latency")):
+            if highest is None:
+                targets.append({"target": f"{label} {what} <= FP16's at FP16's highest sustained rate",
+                                "value": None, "pass": False})  # fmt: skip
+                continue
+            ours, theirs = loads[highest][metric].get("p99"), fp16_loads[highest][metric].get("p99")
+            targets.append({
+                "target": f"{label} {what} <= FP16's at {highest:g} req/s (FP16's highest sustained rate)",
+                "value": ours / theirs if ours is not None and theirs else None,
+                "pass": ours is not None and theirs is not None and ours <= theirs,
+            })  # fmt: skip
     rows = [{"rate": r, "variant": name, **{k: loads[r][k] for k in (
                 "completed", "failed", "request_throughput", "output_token_throughput")},
              "ttft_p50_ms": loads[r]["ttft_ms"].get("p50"), "ttft_p99_ms": loads[r]["ttft_ms"].get("p99"),
              "itl_p50_ms": loads[r]["itl_ms"].get("p50"), "itl_p99_ms": loads[r]["itl_ms"].get("p99"),
              "tpot_p50_ms": loads[r]["tpot_ms"].get("p50"), "e2e_p99_ms": loads[r]["e2e_ms"].get("p99")}
-            for r in rates for name, loads in (("fp16", fp16_loads), ("w8a8", w8a8_loads))]  # fmt: skip
+            for r in rates for name, loads in servers.items()]  # fmt: skip
     return {"rows": rows, "targets": targets, "highest_sustained_fp16_rate": highest}
 
 
@@ -134,18 +143,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp16", type=Path, required=True, help="bench --out directory of the FP16 server")
     parser.add_argument("--w8a8", type=Path, required=True, help="bench --out directory of the W8A8 server")
+    parser.add_argument("--w8a8-kv8", type=Path, help="bench --out directory of a W8A8 server with an int8 KV cache")
     parser.add_argument("--device-name", required=True)
     parser.add_argument("--model", default="opt-13b")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     fp16, w8a8 = load(args.fp16), load(args.w8a8)
+    directories = {"fp16": args.fp16, "w8a8": args.w8a8}
+    if args.w8a8_kv8 is not None:
+        directories["w8a8-kv8"] = args.w8a8_kv8
+    extra = {name: load(directory) for name, directory in directories.items() if name not in ("fp16", "w8a8")}
+    runs = {"fp16": fp16, "w8a8": w8a8, **extra}
     config = fp16["config"]
     report = {"device": args.device_name, "date": w8a8["date"], "commit": git_commit(), "model": args.model,
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
                           f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
-              **compare(fp16, w8a8)}  # fmt: skip
+              **compare(fp16, w8a8, extra)}  # fmt: skip
     profiles = {}
-    for name, directory, run in (("fp16", args.fp16, fp16), ("w8a8", args.w8a8, w8a8)):
+    for name, directory in directories.items():
+        run = runs[name]
         if not (directory / "metrics.txt").exists():
             continue
         profile = profiles[name] = step_profile((directory / "metrics.txt").read_text())

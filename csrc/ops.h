@@ -38,8 +38,16 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> add_layernorm_quant(
 void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
                     torch::Tensor& value_cache, const torch::Tensor& slots);
 
+// An int8 cache: each (token, head) row quantized with its own float32 scale, scales [blocks, block_size, H].
+void write_kv_cache_int8(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
+                         torch::Tensor& value_cache, torch::Tensor& key_scales, torch::Tensor& value_scales,
+                         const torch::Tensor& slots);
+
+// key_scales/value_scales are given exactly when the caches are int8.
 torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
                                      const torch::Tensor& value_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& seq_lens, double scale);
+                                     const torch::Tensor& seq_lens, double scale,
+                                     const std::optional<torch::Tensor>& key_scales,
+                                     const std::optional<torch::Tensor>& value_scales);
 
 }  // namespace smoothserve

@@ -26,10 +26,15 @@ TORCH_LIBRARY(smoothserve, m) {
   m.def(
       "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots) "
       "-> ()");
-  // One query token per sequence [B, H, D] over seq_lens[b] cached tokens (its own included).
+  // An int8 cache: each (token, head) row quantized as quantize_per_token would, its scale at the same slot.
+  m.def(
+      "write_kv_cache_int8(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor(c!) key_scales, Tensor(d!) value_scales, Tensor slots) -> ()");
+  // One query token per sequence [B, H, D] over seq_lens[b] cached tokens (its own included); scales
+  // [blocks, block_size, H] exactly when the caches are int8.
   m.def(
       "paged_attention_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale) -> Tensor");
+      "Tensor seq_lens, float scale, Tensor? key_scales=None, Tensor? value_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
@@ -41,6 +46,7 @@ TORCH_LIBRARY_IMPL(smoothserve, CUDA, m) {
   m.impl("layernorm_quant", &smoothserve::layernorm_quant);
   m.impl("add_layernorm_quant", &smoothserve::add_layernorm_quant);
   m.impl("write_kv_cache", &smoothserve::write_kv_cache);
+  m.impl("write_kv_cache_int8", &smoothserve::write_kv_cache_int8);
   m.impl("paged_attention_decode", &smoothserve::paged_attention_decode);
 }
 

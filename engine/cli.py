@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import CalibrationConfig, ModelConfig, QuantConfig
+from engine.config import KV_CACHE_DTYPES, CalibrationConfig, ModelConfig, QuantConfig
 from engine.errors import SmoothServeError
 
 logger = logging.getLogger("smoothserve")
@@ -135,7 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_model_len=args.max_model_len, load_format=args.load_format,
                           enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                          num_cpu_blocks=args.num_cpu_blocks, enable_prefix_caching=not args.no_prefix_caching),
+                          num_cpu_blocks=args.num_cpu_blocks, enable_prefix_caching=not args.no_prefix_caching,
+                          kv_cache_dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
         server=ServerConfig(host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     serve_parser.add_argument("--num-cpu-blocks", type=int, help="KV cache blocks when running on the CPU")
     serve_parser.add_argument("--no-prefix-caching", action="store_true")
+    serve_parser.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="int8: keys and values quantized per (token, head); twice the tokens per GiB",
+    )
     serve_parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     serve_parser.add_argument("--max-num-seqs", type=int, default=256)
     serve_parser.add_argument(

@@ -17,11 +17,13 @@ WeightGranularity = Literal["per_channel", "per_tensor"]
 ActivationQuant = Literal["per_token", "per_tensor_dynamic", "per_tensor_static"]
 DType = Literal["auto", "float16", "bfloat16", "float32"]
 LoadFormat = Literal["auto", "random"]
+KVCacheDType = Literal["auto", "int8"]
 
 QUANT_LEVELS: tuple[str, ...] = ("O1", "O2", "O3")
 WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
 DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
 LOAD_FORMATS: tuple[str, ...] = ("auto", "random")
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "int8")
 
 # SmoothQuant paper, Table 2: how activations are quantized at each level.
 ACTIVATION_QUANT_BY_LEVEL: dict[str, ActivationQuant] = {
@@ -141,6 +143,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     num_cpu_blocks: int | None = None  # KV blocks when running on the CPU (no memory profiling there)
+    # "auto": keys and values in the model's dtype; "int8": quantized per (token, head), half the bytes
+    # (twice the tokens in the same memory, half the bytes for decode attention to read).
+    kv_cache_dtype: KVCacheDType = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size in (8, 16, 32), f"block_size must be 8, 16 or 32, got {self.block_size}")
@@ -148,6 +153,14 @@ class CacheConfig:
             0.0 < self.gpu_memory_utilization <= 1.0,
             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
         )
+        _require(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}",
+        )
+
+    @property
+    def quantized_kv(self) -> bool:
+        return self.kv_cache_dtype == "int8"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The model runner: the one place where the scheduler's lists become tensors.
 
-It owns the KV cache tensors (one key and one value tensor per layer, [num_blocks, block_size, heads,
-head_dim]) and turns a `SchedulerOutput` into the flattened batch: input ids, positions, cache slots,
-block tables, context lengths. It returns the logits of the sequences that sample this step.
+It owns the KV cache tensors (one `PagedKVCache` per layer: keys and values [num_blocks, block_size,
+heads, head_dim], int8 with per-row scales under kv_cache_dtype="int8") and turns a `SchedulerOutput`
+into the flattened batch: input ids, positions, cache slots, block tables, context lengths. It returns
+the logits of the sequences that sample this step.
 
 Under tensor parallelism rank 0's runner flattens the step and hands the host-side batch (`StepBatch`,
 plain lists) to `publish`, which sends it to the other ranks; every rank then runs the same forward
@@ -24,7 +25,7 @@ import torch
 
 from engine import ops
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata, PagedKVCache
 from engine.models.opt import OPTForCausalLM
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
@@ -42,11 +43,10 @@ class ModelOutput:
     logits: torch.Tensor  # [len(seq_ids), vocab]
 
 
-def kv_bytes_per_block(model: OPTForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(model: OPTForCausalLM, cache: CacheConfig, dtype: torch.dtype) -> int:
     attn = model.decoder.layers[0].self_attn.attn  # this rank's heads under tensor parallelism
-    element = torch.tensor([], dtype=dtype).element_size()
-    per_token = 2 * model.arch.num_layers * attn.num_heads * attn.head_dim * element
-    return per_token * block_size
+    per_layer = PagedKVCache.bytes_per_token(attn.num_heads, attn.head_dim, dtype, cache.quantized_kv)
+    return model.arch.num_layers * per_layer * cache.block_size
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def determine_num_blocks(
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     budget = cache.gpu_memory_utilization * total - used - activation_bytes
-    per_block = kv_bytes_per_block(model, cache.block_size, dtype)
+    per_block = kv_bytes_per_block(model, cache, dtype)
     num_blocks = int(budget // per_block)
     logger.info(
         "GPU memory: %.2f GiB total, %.2f GiB in use (weights), %.2f GiB activation peak, %.2f GiB for the KV cache",
@@ -244,15 +244,15 @@ class ModelRunner:
         self.publish = publish  # tensor parallelism: sends each step to the other ranks
         arch = model.arch
         attn = model.decoder.layers[0].self_attn.attn  # this rank's heads under tensor parallelism
-        shape = (num_blocks, cache.block_size, attn.num_heads, attn.head_dim)
-        self.kv_caches = []
+        self.kv_caches: list[PagedKVCache] = []
         for layer in model.decoder.layers:
-            keys = torch.zeros(shape, dtype=dtype, device=device)
-            values = torch.zeros(shape, dtype=dtype, device=device)
-            layer.self_attn.attn.kv_cache = (keys, values)
-            self.kv_caches.append((keys, values))
-        gib = 2 * len(self.kv_caches) * keys.numel() * keys.element_size() / 1024**3
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size, gib)
+            kv = PagedKVCache.allocate(num_blocks, cache.block_size, attn.num_heads, attn.head_dim, dtype, device,
+                                       quantized=cache.quantized_kv)  # fmt: skip
+            layer.self_attn.attn.kv_cache = kv
+            self.kv_caches.append(kv)
+        gib = sum(kv.nbytes for kv in self.kv_caches) / 1024**3
+        logger.info("KV cache: %d blocks of %d tokens, %s (%.2f GiB)", num_blocks, cache.block_size,
+                    "int8" if cache.quantized_kv else str(dtype).removeprefix("torch."), gib)  # fmt: skip
         self.graphs: _DecodeGraphs | None = None
         self.last_step_used_graph = False
         if device.type == "cuda" and not enforce_eager and not ops.EXTENSION_LOADED:

@@ -380,21 +380,61 @@ def w8a8_gemm_int8_out(
 
 
 # --------------------------------------------------------------------------------------------------
-# Paged KV cache: caches are [num_blocks, block_size, num_heads, head_dim]; slot = block * block_size + offset
+# Paged KV cache: caches are [num_blocks, block_size, num_heads, head_dim]; slot = block * block_size + offset.
+# An int8 cache holds each (token, head) row quantized symmetrically by its own float32 scale (absmax / 127,
+# rounded as quantize_per_token rounds a row); the scales are [num_blocks, block_size, num_heads].
+
+
+def quantize_kv_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [T, H, D] -> (int8 [T, H, D], float32 scales [T, H]): one scale per (token, head)."""
+    q, scale = quantize_per_token_reference(x.reshape(-1, x.shape[-1]))
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+def dequantize_kv(rows: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows [..., H, D] as `dtype`: int8 rows times their scales [..., H]; other rows as they are."""
+    if scales is None:
+        return rows.to(dtype)
+    return (rows.float() * scales[..., None]).to(dtype)
+
+
+def _check_kv_scales(name: str, key_cache: torch.Tensor, key_scales: torch.Tensor | None,
+                     value_scales: torch.Tensor | None) -> None:  # fmt: skip
+    quantized = key_cache.dtype == torch.int8
+    _check(quantized == (key_scales is not None and value_scales is not None),
+           f"{name}: an int8 cache needs key and value scales, and only an int8 cache takes them")  # fmt: skip
 
 
 def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slots: torch.Tensor,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> None:
-    """Store the new tokens' keys and values [T, H, D] at their cache slots [T]; a slot < 0 writes nothing."""
+    """Store the new tokens' keys and values [T, H, D] at their cache slots [T]; a slot < 0 writes nothing.
+    An int8 cache (with its scales) stores them quantized per (token, head)."""
     _check(key.shape == value.shape and key.shape[0] == slots.shape[0], "write_kv_cache: key, value, slots mismatch")
-    op = _cuda_op_or_none("write_kv_cache", key)
+    _check_kv_scales("write_kv_cache", key_cache, key_scales, value_scales)
+    quantized = key_scales is not None
+    op = _cuda_op_or_none("write_kv_cache_int8" if quantized else "write_kv_cache", key)
     if op is not None:
-        op(key, value, key_cache, value_cache, slots)
+        if quantized:
+            op(key, value, key_cache, value_cache, key_scales, value_scales, slots)
+        else:
+            op(key, value, key_cache, value_cache, slots)
         return
     keep = slots >= 0
-    key_cache.view(-1, *key.shape[1:])[slots[keep]] = key[keep].to(key_cache.dtype)
-    value_cache.view(-1, *value.shape[1:])[slots[keep]] = value[keep].to(value_cache.dtype)
+    rows = slots[keep]
+    for new, cache, scales in ((key, key_cache, key_scales), (value, value_cache, value_scales)):
+        if scales is None:
+            cache.view(-1, *new.shape[1:])[rows] = new[keep].to(cache.dtype)
+        else:
+            q, s = quantize_kv_reference(new[keep])
+            cache.view(-1, *new.shape[1:])[rows] = q
+            scales.view(-1, new.shape[1])[rows] = s
 
 
 def paged_attention_reference(
@@ -405,9 +445,13 @@ def paged_attention_reference(
     query_lens: tuple[int, ...],
     context_lens: tuple[int, ...],
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The specification of attention over the paged cache: sequence i's query_lens[i] new tokens [T, H, D],
     already written to the cache after its context_lens[i] cached ones, attend causally to all of them."""
+    key_cache = dequantize_kv(key_cache, key_scales, torch.float32)
+    value_cache = dequantize_kv(value_cache, value_scales, torch.float32)
     block_size = key_cache.shape[1]
     outputs, start = [], 0
     for index, (new, context) in enumerate(zip(query_lens, context_lens, strict=True)):
@@ -435,11 +479,18 @@ def paged_attention_decode_reference(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence [B, H, D] over its seq_lens[b] cached tokens (its own included), in
     float32; a sequence of length 0 (a padding row) gets zeros."""
-    keys = key_cache[block_tables.long()].flatten(1, 2).float()  # [B, W * block_size, H, D]
-    values = value_cache[block_tables.long()].flatten(1, 2).float()
+    tables = block_tables.long()
+
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # [B, W * block_size, H, D]
+        return dequantize_kv(cache[tables].flatten(1, 2), None if scales is None else scales[tables].flatten(1, 2),
+                             torch.float32)  # fmt: skip
+
+    keys, values = gather(key_cache, key_scales), gather(value_cache, value_scales)
     scores = torch.einsum("bhd,bthd->bht", query.float(), keys) * scale
     visible = torch.arange(keys.shape[1], device=query.device)[None, :] < seq_lens.to(query.device)[:, None].long()
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
@@ -463,14 +514,18 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention: query [B, H, D] (rows may be strided), block_tables int32 [B, W], seq_lens int32 [B].
+    """Decode attention: query [B, H, D] (rows may be strided), block_tables int32 [B, W], seq_lens int32 [B];
+    an int8 cache comes with its scales [num_blocks, block_size, H].
 
     The CUDA kernel's launch depends only on shapes, never on the lengths' values, so it is safe inside
     a CUDA graph.
     """
     _check(query.dim() == 3 and block_tables.shape[0] == query.shape[0] == seq_lens.shape[0],
            "paged_attention_decode: query [B, H, D], block_tables [B, W] and seq_lens [B] disagree")  # fmt: skip
+    _check_kv_scales("paged_attention_decode", key_cache, key_scales, value_scales)
     op = _cuda_op_or_none("paged_attention_decode", query)
     if op is not None:
         name = "paged_attention_decode"
@@ -478,8 +533,10 @@ def paged_attention_decode(
                f"{name}: the CUDA kernel takes float16 or bfloat16, not {query.dtype}")  # fmt: skip
         _check(query.shape[2] in _DECODE_KERNEL_HEAD_DIMS,
                f"{name}: head_dim {query.shape[2]} is not one of {_DECODE_KERNEL_HEAD_DIMS}")  # fmt: skip
-        return op(query, key_cache, value_cache, block_tables, seq_lens, scale)
-    return paged_attention_decode_reference(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        return op(query, key_cache, value_cache, block_tables, seq_lens, scale, key_scales, value_scales)
+    return paged_attention_decode_reference(
+        query, key_cache, value_cache, block_tables, seq_lens, scale, key_scales, value_scales
+    )
 
 
 def prefill_attention(
@@ -491,10 +548,13 @@ def prefill_attention(
     block_table: torch.Tensor,
     context_len: int,
     scale: float,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One sequence's chunk of new tokens [n, H, D] attending causally to its context_len cached tokens
     and to itself. Without context it runs on the new keys directly (FlashAttention on a GPU); with
-    context, the cached prefix is gathered from the blocks (where the new keys were already written)."""
+    context, the cached prefix is gathered from the blocks (where the new keys were already written;
+    an int8 cache is dequantized by its scales)."""
     new = query.shape[0]
     # SDPA's fused kernels (FlashAttention, memory-efficient) take 4-D [batch, heads, tokens, dim] only;
     # 3-D input falls back to the math path, which materializes the [H, n, total] score matrix.
@@ -507,11 +567,16 @@ def prefill_attention(
     total = context_len + new
     block_size = key_cache.shape[1]
     blocks = block_table[: -(-total // block_size)].long()
-    keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)[None]  # [1, H, total, D]
-    values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)[None]
+
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # [1, H, total, D]
+        rows = cache[blocks].flatten(0, 1)[:total]
+        row_scales = None if scales is None else scales[blocks].flatten(0, 1)[:total]
+        return dequantize_kv(rows, row_scales, q.dtype).transpose(0, 1)[None]
+
+    keys, values = gather(key_cache, key_scales), gather(value_cache, value_scales)
     # Query i sits at position context_len + i: the causal mask aligned to the lower right.
     mask = causal_lower_right(new, total)
-    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
@@ -575,8 +640,15 @@ if EXTENSION_LOADED:
     def _write_kv_cache_fake(key, value, key_cache, value_cache, slots):
         return None
 
+    if _has_op("write_kv_cache_int8"):
+
+        @torch.library.register_fake("smoothserve::write_kv_cache_int8")
+        def _write_kv_cache_int8_fake(key, value, key_cache, value_cache, key_scales, value_scales, slots):
+            return None
+
     @torch.library.register_fake("smoothserve::paged_attention_decode")
-    def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, seq_lens, scale):
+    def _paged_attention_decode_fake(query, key_cache, value_cache, block_tables, seq_lens, scale,
+                                     key_scales=None, value_scales=None):  # fmt: skip
         return query.new_empty(query.shape)
 
     @torch.library.register_fake("smoothserve::layernorm_quant")

@@ -26,6 +26,7 @@ def test_configs_are_frozen() -> None:
         (lambda: ModelConfig(model="m", dtype="float8"), "dtype"),
         (lambda: ModelConfig(model="m", quantization="int4"), "quantization"),
         (lambda: CacheConfig(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+        (lambda: CacheConfig(kv_cache_dtype="fp8"), "kv_cache_dtype must be one of auto, int8"),
         (lambda: ServerConfig(port=70000), "port"),
     ],
 )

@@ -98,6 +98,26 @@ def test_w8a8_engine_tracks_the_float_engine(trained_outlier_model_dir, prompts,
     assert same / (len(prompts) * MAX_TOKENS) >= 0.9
 
 
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [{}, {"max_num_batched_tokens": 16, "num_cpu_blocks": 12, "block_size": 8}],
+    ids=["plain", "chunked-prefill-and-preemption"],
+)
+def test_int8_kv_cache_engine_tracks_transformers(trained_outlier_model_dir, prompts, hf_greedy, engine_kwargs) -> None:
+    """Keys and values stored as int8 (per token and head): decode, chunked prefill over an int8 prefix and
+    recompute after preemption all read the quantized cache."""
+    llm = make_llm(trained_outlier_model_dir, kv_cache_dtype="int8", **engine_kwargs)
+    assert llm.engine.runner.kv_caches[0].keys.dtype == torch.int8
+    outputs = llm.generate(prompts, GREEDY)
+    same = sum(
+        a == b
+        for o, ref in zip(outputs, hf_greedy, strict=True)
+        for a, b in zip(o.outputs[0].token_ids, ref, strict=True)
+    )
+    assert same / (len(prompts) * MAX_TOKENS) >= 0.9
+    assert llm.engine.scheduler.blocks.num_free_blocks == llm.engine.scheduler.blocks.num_blocks
+
+
 def test_abort_frees_every_block(trained_outlier_model_dir, prompts) -> None:
     llm = make_llm(trained_outlier_model_dir, max_num_batched_tokens=8)
     engine = llm.engine

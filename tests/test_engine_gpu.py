@@ -115,6 +115,22 @@ def test_w8a8_cuda_graphs_give_the_eager_tokens(trained_outlier_model_dir, promp
     assert graphs == eager
 
 
+@pytest.mark.parametrize("quantized_weights", [False, True], ids=["fp16", "w8a8-O3"])
+def test_int8_kv_cache_engine_tracks_the_fp16_engine(trained_outlier_model_dir, prompts, fp16_graph_run,  # noqa: F811
+                                                      quantized_weights) -> None:  # fmt: skip
+    kwargs: dict = {"kv_cache_dtype": "int8"}
+    if quantized_weights:
+        kwargs |= {"quantization": "w8a8", "quant": QuantConfig(level="O3", alpha=0.5)}
+    graphs = _tokens(_gpu_llm(trained_outlier_model_dir, **kwargs), prompts)
+    eager = _tokens(_gpu_llm(trained_outlier_model_dir, enforce_eager=True, **kwargs), prompts)
+    assert graphs == eager
+    agreement, compared = _agreement_beyond_ties(graphs, *fp16_graph_run)
+    print(f"int8 KV ({'W8A8 O3' if quantized_weights else 'FP16'} weights) vs FP16 engine: {agreement:.3f} "
+          f"over {compared} tokens")  # fmt: skip
+    assert agreement >= 0.95
+    assert compared >= len(prompts) * MAX_TOKENS // 2, "near-ties excluded most of the comparison"
+
+
 @pytest.mark.parametrize("level", ["O1", "O3"])
 def test_w8a8_kernels_give_the_reference_tokens(trained_outlier_model_dir, prompts, level, monkeypatch) -> None:  # noqa: F811
     """The compiled ops against engine/ops.py's references in the same engine on the same GPU: any

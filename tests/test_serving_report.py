@@ -86,3 +86,16 @@ def test_step_profile_reads_a_servers_metrics(tmp_path) -> None:
     markdown = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
     # The loads took 0.2 s, the engine's steps 0.091 s of it.
     assert "| w8a8 | 3 | 1 | 156.0 | 1.00 | 9.00 | 11.50 | 1.25 | 45.5 % |" in markdown
+
+
+def test_a_third_server_gets_its_own_targets() -> None:
+    fp16 = _run([_summary(4, 3.9, 500, 150, 40), _summary(math.inf, 6.1, 780, 20000, 95)])
+    w8a8 = _run([_summary(4, 3.95, 505, 160, 45), _summary(math.inf, 8.0, 1000, 9000, 50)])
+    kv8 = _run([_summary(4, 3.95, 506, 120, 30), _summary(math.inf, 11.0, 1400, 8000, 40)])
+    report = serving_report.compare(fp16, w8a8, {"w8a8-kv8": kv8})
+    assert len(report["targets"]) == 6 and len(report["rows"]) == 6
+    w8a8_throughput, w8a8_ttft, _, kv8_throughput, kv8_ttft, kv8_itl = report["targets"]
+    assert not w8a8_throughput["pass"] and not w8a8_ttft["pass"]
+    assert "int8 KV" in kv8_throughput["target"] and kv8_throughput["pass"]
+    assert math.isclose(kv8_throughput["value"], 1400 / 780)
+    assert kv8_ttft["pass"] and math.isclose(kv8_itl["value"], 30 / 40)

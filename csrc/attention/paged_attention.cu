@@ -4,6 +4,11 @@
 // block block_tables[b][t / block_size] at offset t % block_size. A token's key for one head is
 // head_dim contiguous elements, so a tile of tokens is loaded with coalesced 16-byte vectors.
 //
+// An int8 cache holds round(x / s) with one float32 scale s per (slot, head) in key_scales/value_scales
+// [num_blocks, block_size, num_heads]. Its tiles are widened to the query's type in shared memory (|q| <=
+// 128 is exact in fp16 and bf16) and the scales are applied where they factor out: a key's to its score,
+// a value's to its probability weight. Half the bytes of an fp16 cache are read, and nothing else changes.
+//
 // Work split (flash-decoding): one CTA per (head, sequence, partition of partition_tokens). A CTA walks
 // its partition in tiles of kTileTokens: stage K and V tiles in shared memory, score the tile, update
 // an online softmax (running max m and sum l, shared by all threads), and accumulate p·V. With one
@@ -19,6 +24,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "../cuda_utils.h"
 #include "../ops.h"
@@ -38,6 +44,17 @@ constexpr int kRowPad = kVec;
 template <typename T>
 __device__ __forceinline__ float2 to_float2(T a, T b) {
   return make_float2(static_cast<float>(a), static_cast<float>(b));
+}
+
+// 16 int8 values -> 16 T at dst (32 bytes, 16-byte aligned), as two 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store_widened(T* dst, uint4 packed) {
+  const int8_t* in = reinterpret_cast<const int8_t*>(&packed);
+  alignas(16) T wide[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) wide[j] = static_cast<T>(static_cast<float>(in[j]));
+  reinterpret_cast<uint4*>(dst)[0] = reinterpret_cast<const uint4*>(wide)[0];
+  reinterpret_cast<uint4*>(dst)[1] = reinterpret_cast<const uint4*>(wide)[1];
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -63,10 +80,12 @@ struct SharedTiles {
   float query[HeadDim];
   float logits[kTileTokens];
   float probs[kTileTokens];
+  float key_scale[kTileTokens];  // int8 caches only
+  float value_scale[kTileTokens];
   float partial[kGroups * HeadDim];
 };
 
-template <typename T, int HeadDim>
+template <typename T, typename CacheT, int HeadDim>
 __global__ void __launch_bounds__(kThreads)
     paged_attention_decode_kernel(T* __restrict__ out,                 // [B, H, D]
                                   float* __restrict__ partial_out,     // [B, H, P, D] when P > 1
@@ -74,14 +93,21 @@ __global__ void __launch_bounds__(kThreads)
                                   float* __restrict__ partial_sum,     // [B, H, P]
                                   const T* __restrict__ query,         // [B, H, D], token stride q_stride
                                   int64_t q_stride,
-                                  const T* __restrict__ key_cache,     // [blocks, block_size, H, D]
-                                  const T* __restrict__ value_cache,
+                                  const CacheT* __restrict__ key_cache,  // [blocks, block_size, H, D]
+                                  const CacheT* __restrict__ value_cache,
+                                  const float* __restrict__ key_scales,  // [blocks, block_size, H]: int8 only
+                                  const float* __restrict__ value_scales,
                                   const int32_t* __restrict__ block_tables,  // [B, max_blocks]
                                   int max_blocks, const int32_t* __restrict__ seq_lens, int block_size,
                                   int partition_tokens,  // a multiple of kTileTokens
                                   float scale) {
   using Tiles = SharedTiles<T, HeadDim>;
+  constexpr bool kQuantized = std::is_same_v<CacheT, int8_t>;
+  static_assert(kQuantized || std::is_same_v<CacheT, T>, "the cache holds the query's type or int8");
   constexpr int kVecsPerRow = HeadDim / kVec;
+  constexpr int kCacheVec = 16 / sizeof(CacheT);  // cache elements per 16-byte load
+  constexpr int kCacheVecsPerRow = HeadDim / kCacheVec;
+  static_assert(HeadDim % kCacheVec == 0, "a cache row is a whole number of 16-byte vectors");
   static_assert(HeadDim % (2 * kVec) == 0, "two threads score a token, each an equal number of 16-byte vectors");
   static_assert(kThreads == 2 * kTileTokens && kTileTokens == 64, "the score and softmax steps assume this shape");
   extern __shared__ __align__(16) unsigned char shared_raw[];
@@ -112,18 +138,35 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int tile = begin; tile < end; tile += kTileTokens) {
     __syncthreads();  // the previous tile's readers are done
-    for (int v = tid; v < kTileTokens * kVecsPerRow; v += kThreads) {
-      const int t = v / kVecsPerRow, part = v % kVecsPerRow;
+    for (int v = tid; v < kTileTokens * kCacheVecsPerRow; v += kThreads) {
+      const int t = v / kCacheVecsPerRow, part = v % kCacheVecsPerRow;
       const int token = tile + t;
       uint4 k = make_uint4(0, 0, 0, 0), val = make_uint4(0, 0, 0, 0);  // zeros keep 0 * garbage out of p·V
       if (token < end) {
         const int64_t slot = int64_t(table[token / block_size]) * block_size + token % block_size;
-        const int64_t offset = slot * token_stride + head * HeadDim + part * kVec;
+        const int64_t offset = slot * token_stride + head * HeadDim + part * kCacheVec;
         k = *reinterpret_cast<const uint4*>(key_cache + offset);
         val = *reinterpret_cast<const uint4*>(value_cache + offset);
       }
-      *reinterpret_cast<uint4*>(&s.keys[t * Tiles::kRow + part * kVec]) = k;
-      *reinterpret_cast<uint4*>(&s.values[t * Tiles::kRow + part * kVec]) = val;
+      T* k_row = &s.keys[t * Tiles::kRow + part * kCacheVec];
+      T* v_row = &s.values[t * Tiles::kRow + part * kCacheVec];
+      if constexpr (kQuantized) {
+        store_widened<T>(k_row, k);
+        store_widened<T>(v_row, val);
+      } else {
+        *reinterpret_cast<uint4*>(k_row) = k;
+        *reinterpret_cast<uint4*>(v_row) = val;
+      }
+    }
+    if constexpr (kQuantized) {
+      // Threads 0..63 fetch the tile's key scales, 64..127 its value scales.
+      const int t = tid % kTileTokens, token = tile + t;
+      float scale = 0.0f;
+      if (token < end) {
+        const int64_t slot = int64_t(table[token / block_size]) * block_size + token % block_size;
+        scale = (tid < kTileTokens ? key_scales : value_scales)[slot * num_heads + head];
+      }
+      (tid < kTileTokens ? s.key_scale : s.value_scale)[t] = scale;
     }
     __syncthreads();
 
@@ -141,6 +184,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kVec; ++j) dot += s.query[d0 + j] * static_cast<float>(k[j]);
       }
       dot += __shfl_xor_sync(0xffffffff, dot, 1);
+      if constexpr (kQuantized) dot *= s.key_scale[t];
       if (half == 0) s.logits[t] = (tile + t < end) ? dot : -FLT_MAX;
     }
     __syncthreads();
@@ -160,7 +204,7 @@ __global__ void __launch_bounds__(kThreads)
       acc.y *= correction;
       const int tokens = min(kTileTokens, end - tile);
       for (int t = group; t < tokens; t += Tiles::kGroups) {
-        const float p = s.probs[t];
+        const float p = kQuantized ? s.probs[t] * s.value_scale[t] : s.probs[t];
         const float2 v = to_float2(s.values[t * Tiles::kRow + 2 * pair], s.values[t * Tiles::kRow + 2 * pair + 1]);
         acc.x += p * v.x;
         acc.y += p * v.y;
@@ -230,10 +274,10 @@ int choose_partition_tokens(int rows, int device) {
   return tokens;
 }
 
-template <typename T, int HeadDim>
+template <typename T, typename CacheT, int HeadDim>
 void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
-                   const torch::Tensor& value_cache, const torch::Tensor& block_tables,
-                   const torch::Tensor& seq_lens, double scale) {
+                   const torch::Tensor& value_cache, const float* key_scales, const float* value_scales,
+                   const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale) {
   const int batch = query.size(0), num_heads = query.size(1);
   const int block_size = key_cache.size(1);
   const int max_blocks = block_tables.size(1);
@@ -250,7 +294,7 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   }
   using Tiles = SharedTiles<T, HeadDim>;
   const size_t shared = sizeof(Tiles);
-  auto kernel = paged_attention_decode_kernel<T, HeadDim>;
+  auto kernel = paged_attention_decode_kernel<T, CacheT, HeadDim>;
   // The dynamic shared-memory limit (48 KB unless raised; head_dim 256 needs ~69 KB) belongs to the
   // kernel as loaded in one device's context, so it is raised once per device and instantiation: a
   // process-wide flag would leave a second GPU of the same process at the default and fail its launch.
@@ -266,8 +310,8 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   kernel<<<grid, kThreads, shared, stream>>>(
       reinterpret_cast<T*>(out.data_ptr()), ptr(partial_out), ptr(partial_max), ptr(partial_sum),
       reinterpret_cast<const T*>(query.data_ptr()), query.stride(0),
-      reinterpret_cast<const T*>(key_cache.data_ptr()), reinterpret_cast<const T*>(value_cache.data_ptr()),
-      block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size, partition_tokens,
+      reinterpret_cast<const CacheT*>(key_cache.data_ptr()), reinterpret_cast<const CacheT*>(value_cache.data_ptr()),
+      key_scales, value_scales, block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size, partition_tokens,
       static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_partitions > 1) {
@@ -278,18 +322,35 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   }
 }
 
-template <typename T>
+template <typename T, typename CacheT>
 void dispatch_head_dim(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
-                       const torch::Tensor& value_cache, const torch::Tensor& block_tables,
-                       const torch::Tensor& seq_lens, double scale) {
+                       const torch::Tensor& value_cache, const float* key_scales, const float* value_scales,
+                       const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale) {
+  const auto launch = [&](auto head_dim) {
+    launch_decode<T, CacheT, decltype(head_dim)::value>(out, query, key_cache, value_cache, key_scales,
+                                                         value_scales, block_tables, seq_lens, scale);
+  };
   switch (query.size(2)) {
-    case 32: return launch_decode<T, 32>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
-    case 64: return launch_decode<T, 64>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
-    case 80: return launch_decode<T, 80>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
-    case 96: return launch_decode<T, 96>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
-    case 128: return launch_decode<T, 128>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
-    case 256: return launch_decode<T, 256>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+    case 32: return launch(std::integral_constant<int, 32>{});
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 80: return launch(std::integral_constant<int, 80>{});
+    case 96: return launch(std::integral_constant<int, 96>{});
+    case 128: return launch(std::integral_constant<int, 128>{});
+    case 256: return launch(std::integral_constant<int, 256>{});
     default: TORCH_CHECK(false, "paged_attention_decode: head_dim ", query.size(2), " is not supported");
+  }
+}
+
+template <typename T>
+void dispatch_cache_type(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
+                         const torch::Tensor& value_cache, const std::optional<torch::Tensor>& key_scales,
+                         const std::optional<torch::Tensor>& value_scales, const torch::Tensor& block_tables,
+                         const torch::Tensor& seq_lens, double scale) {
+  if (key_cache.scalar_type() == torch::kChar) {
+    dispatch_head_dim<T, int8_t>(out, query, key_cache, value_cache, key_scales->data_ptr<float>(),
+                                 value_scales->data_ptr<float>(), block_tables, seq_lens, scale);
+  } else {
+    dispatch_head_dim<T, T>(out, query, key_cache, value_cache, nullptr, nullptr, block_tables, seq_lens, scale);
   }
 }
 
@@ -297,7 +358,9 @@ void dispatch_head_dim(torch::Tensor& out, const torch::Tensor& query, const tor
 
 torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
                                      const torch::Tensor& value_cache, const torch::Tensor& block_tables,
-                                     const torch::Tensor& seq_lens, double scale) {
+                                     const torch::Tensor& seq_lens, double scale,
+                                     const std::optional<torch::Tensor>& key_scales,
+                                     const std::optional<torch::Tensor>& value_scales) {
   TORCH_CHECK(query.is_cuda() && query.dim() == 3, "paged_attention_decode: query must be a CUDA [B, H, D] tensor");
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2),
               "paged_attention_decode: each query row must be contiguous [H, D]");
@@ -311,8 +374,21 @@ torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Te
               "paged_attention_decode: caches must be 16-byte aligned");
   TORCH_CHECK(key_cache.size(2) == query.size(1) && key_cache.size(3) == query.size(2),
               "paged_attention_decode: caches and query disagree on heads or head_dim");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
-              "paged_attention_decode: caches must have the query's dtype");
+  const bool quantized = key_cache.scalar_type() == torch::kChar;
+  TORCH_CHECK((key_cache.scalar_type() == query.scalar_type() || quantized) &&
+                  value_cache.scalar_type() == key_cache.scalar_type(),
+              "paged_attention_decode: caches must both have the query's dtype or both be int8");
+  TORCH_CHECK(quantized == (key_scales.has_value() && value_scales.has_value()),
+              "paged_attention_decode: an int8 cache needs key and value scales, and only an int8 cache takes them");
+  if (quantized) {
+    for (const torch::Tensor* scales : {&*key_scales, &*value_scales}) {
+      TORCH_CHECK(scales->scalar_type() == torch::kFloat && scales->is_contiguous() && scales->dim() == 3 &&
+                      scales->size(0) == key_cache.size(0) && scales->size(1) == key_cache.size(1) &&
+                      scales->size(2) == key_cache.size(2) && scales->device() == query.device(),
+                  "paged_attention_decode: scales must be contiguous float32 [blocks, block_size, H] on the "
+                  "query's device");
+    }
+  }
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt && block_tables.dim() == 2 &&
                   block_tables.is_contiguous() && block_tables.size(0) == query.size(0),
               "paged_attention_decode: block_tables must be contiguous int32 [B, max_blocks]");
@@ -328,10 +404,12 @@ torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Te
   if (block_tables.size(1) == 0) return out.zero_();
   switch (query.scalar_type()) {
     case torch::kHalf:
-      dispatch_head_dim<at::Half>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+      dispatch_cache_type<at::Half>(out, query, key_cache, value_cache, key_scales, value_scales, block_tables,
+                                    seq_lens, scale);
       break;
     case torch::kBFloat16:
-      dispatch_head_dim<at::BFloat16>(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+      dispatch_cache_type<at::BFloat16>(out, query, key_cache, value_cache, key_scales, value_scales,
+                                        block_tables, seq_lens, scale);
       break;
     default: TORCH_CHECK(false, "paged_attention_decode: query must be float16 or bfloat16");
   }

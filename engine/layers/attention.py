@@ -18,6 +18,47 @@ from engine import ops
 
 
 @dataclass(frozen=True)
+class PagedKVCache:
+    """One layer's paged KV cache: keys and values [num_blocks, block_size, num_heads, head_dim].
+
+    In the model's dtype, or int8 (`kv_cache_dtype="int8"`): each (token, head) row quantized by its own
+    float32 scale, kept in key_scales / value_scales [num_blocks, block_size, num_heads]. Per-row scales
+    need no calibration and follow outlier heads; they add 4 bytes per 128-byte row of a 128-dim head.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(cls, num_blocks: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, quantized: bool) -> PagedKVCache:  # fmt: skip
+        shape = (num_blocks, block_size, num_heads, head_dim)
+        if not quantized:
+            return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        scales = shape[:-1]
+        return cls(
+            torch.zeros(shape, dtype=torch.int8, device=device),
+            torch.zeros(shape, dtype=torch.int8, device=device),
+            torch.ones(scales, dtype=torch.float32, device=device),
+            torch.ones(scales, dtype=torch.float32, device=device),
+        )
+
+    @staticmethod
+    def bytes_per_token(num_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
+        """Bytes one token takes in one layer (keys and values, with their scales when int8)."""
+        if quantized:
+            return 2 * num_heads * (head_dim + 4)
+        return 2 * num_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.keys, self.values, self.key_scales, self.value_scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Describes the flattened batch.
 
@@ -64,8 +105,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
-        # Bound by the model runner: (keys, values), each [num_blocks, block_size, num_heads, head_dim].
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_cache: PagedKVCache | None = None  # bound by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         # q, k, v: [T, num_heads * head_dim] -> out: [T, num_heads * head_dim]
@@ -88,11 +128,13 @@ class Attention(nn.Module):
             raise RuntimeError("attention metadata asks for the KV cache, but none is bound to this layer")
         if metadata.block_tables is None or metadata.context_lens is None:
             raise ValueError("paged attention needs block tables and context lengths")
-        key_cache, value_cache = self.kv_cache
+        cache = self.kv_cache
+        caches = (cache.keys, cache.values)
+        scales = (cache.key_scales, cache.value_scales)
         shape = (-1, self.num_heads, self.head_dim)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
         # Every new token's K/V is written before any attention reads the cache (the prefix cache relies on it).
-        ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        ops.write_kv_cache(k, v, *caches, metadata.slot_mapping, *scales)
         outputs = []
         decodes = metadata.num_decodes
         if decodes:
@@ -103,15 +145,14 @@ class Attention(nn.Module):
             kernel_fits = ops.decode_kernel_supports(q.dtype, self.head_dim)
             decode = ops.paged_attention_decode if kernel_fits else ops.paged_attention_decode_reference
             outputs.append(decode(
-                q[:decodes], key_cache, value_cache, metadata.block_tables[:decodes], metadata.decode_seq_lens,
-                self.scale,
+                q[:decodes], *caches, metadata.block_tables[:decodes], metadata.decode_seq_lens, self.scale, *scales
             ))  # fmt: skip
         start = decodes
         for index in range(decodes, len(metadata.seq_lens)):
             end = start + metadata.seq_lens[index]
             outputs.append(ops.prefill_attention(
-                q[start:end], k[start:end], v[start:end], key_cache, value_cache, metadata.block_tables[index],
-                metadata.context_lens[index], self.scale,
+                q[start:end], k[start:end], v[start:end], *caches, metadata.block_tables[index],
+                metadata.context_lens[index], self.scale, *scales,
             ))  # fmt: skip
             start = end
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
