@@ -5,6 +5,8 @@ Run on a GPU machine after building the extension; skipped elsewhere.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -110,6 +112,51 @@ def test_w8a8_gemm_runs_on_the_current_stream() -> None:
     stream.synchronize()
     expected = _exact_reference(a, w, a_scale, w_scale, bias, relu=False)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# The sm90 schedules for problems of few output tiles (sm90_schedule in csrc/gemm/w8a8_gemm.cu). On an
+# H100 (132 SMs) the dispatcher sends each shape below down the path named beside it; the sweep over
+# OPT shapes above meets them too (out_proj and fc2 of hidden 2048-7168 at M <= 128 and M = 512), with
+# its rotating epilogue options. Other GPUs run them through whatever their dispatch picks.
+
+FEW_TILE_SHAPES = [
+    (1, 5120, 5120),  # kSwapM16Narrow: OPT-13B out_proj at decode, 80 tiles of 64 weight rows
+    (16, 7168, 7168),  # kSwapM16Narrow: OPT-30B out_proj, 112 tiles
+    (7, 1040, 4096),  # kSwapM16Narrow, the last tile 16 rows deep
+    (33, 5120, 20480),  # kSwapM64Narrow: OPT-13B fc2
+    (64, 1040, 512),  # kSwapM64Narrow, 17 tiles: the last 2x1 cluster's second CTA lies past N
+    (128, 5120, 5120),  # kM256 split-K in 2: 40 tiles, 80 CTAs
+    (100, 7168, 7168),  # kM256 split-K in 2: 56 tiles, M short of the tile
+    (512, 5120, 5120),  # kM256 instead of kLarge's 80 tiles: stream-K over 160 tiles
+]
+
+
+@pytest.mark.parametrize("m,n,k", FEW_TILE_SHAPES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8a8_gemm_few_tile_schedules(m, n, k, per_token, per_channel, with_bias, relu, dtype) -> None:
+    _check_gemm(m, n, k, seed=m + n + k, per_token=per_token, per_channel=per_channel, with_bias=with_bias,
+                relu=relu, dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 5120, 5120), (64, 7168, 7168)])
+def test_decode_gemm_of_few_weight_tiles_runs_one_cta_per_tile(m: int, n: int, k: int) -> None:
+    """Where N / 64 <= SMs, decode runs the non-persistent narrow kernel: no stream-K workspace to clear."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the sm90 kernels run on Hopper only")
+    if -(-n // 64) > torch.cuda.get_device_properties(CUDA).multi_processor_count:
+        pytest.skip("more 64-row tiles than SMs: the dispatcher keeps the stream-K kernels")
+    a, w, a_scale, w_scale, bias = _gemm_case(m, n, k, 11, True, True, True, torch.float16)
+    ops.w8a8_gemm(a, w, a_scale, w_scale, bias, out_dtype=torch.float16)  # allocations outside the profile
+    names = _cuda_kernel_names(lambda: ops.w8a8_gemm(a, w, a_scale, w_scale, bias, out_dtype=torch.float16))
+    gemms = [name for name in names if "GemmUniversal" in name]
+    # The narrow configurations are the only ones on the non-cooperative schedule (no "Cooperative" suffix).
+    assert len(gemms) == 1 and re.search(r"KernelTmaWarpSpecialized\b", gemms[0]), gemms
+    assert not any("emset" in name for name in names), names
 
 
 # --------------------------------------------------------------------------------------------------

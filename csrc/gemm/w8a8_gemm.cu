@@ -1,4 +1,5 @@
-// w8a8_gemm and w8a8_gemm_int8_out: checks, allocation, and the choice of kernel by device and M.
+// w8a8_gemm and w8a8_gemm_int8_out: checks, allocation, and the choice of kernel by device, by M and by
+// how many output tiles the problem gives each SM.
 //
 // Kernel family by compute capability: 9.x runs the CUTLASS 3 Hopper kernels (sm90a: TMA, wgmma);
 // every other GPU of capability >= 8.0 runs the CUTLASS 2.x kernels (int8 mma.sync). The environment
@@ -57,40 +58,87 @@ void run_kernel(const char* op, const GemmProblem& p, const torch::Tensor& like,
               " (M=", p.m, ", N=", p.n, ", K=", p.k, ")");
 }
 
+// What the sm90 path runs: a tile configuration and, for the stream-K scheduler's, GemmProblem::splits.
+struct Sm90Schedule {
+  sm90::GemmConfig config;
+  int splits;
+};
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Splits for a stream-K-scheduler configuration with `tiles` output tiles of `k_tiles` K steps each.
+// Left to CUTLASS's heuristic (1), a problem of fewer tiles than half the SMs becomes stream-K with up
+// to ~3 CTAs per tile, and the middle ones add their int32 partials with atomics, one after the other:
+// on the H100 OPT-13B out_proj at M = 128 took 22.7 us that way against 19.2 us for twice the work at
+// M = 256 (80 whole tiles, data-parallel). Two slices have no middle CTA: the first stores its partial,
+// the second adds it and runs the epilogue, and all 2 x tiles CTAs run at once. K must give each slice
+// at least 8 steps (CUTLASS's own minimum for a stream-K unit); shorter problems are not worth a fixup.
+int splits_for(int tiles, int k_tiles, int sms) { return 2 * tiles <= sms && k_tiles >= 16 ? 2 : 1; }
+
+Sm90Schedule sm90_schedule(const GemmProblem& p, int sms, bool int8_out) {
+  using sm90::GemmConfig;
+  if (p.m <= 64) {
+    // Decode: bound by the weight stream, so the kernel runs swapped (weights fill the MMA's M side).
+    // With at most one 64-row tile per SM (N <= 8448 on 132 SMs: OPT-13B/30B out_proj and fc2), each
+    // CTA streams its own rows to the end and none waits on another: no workspace memset, no fixup.
+    // The 128-row kernels left those N to stream-K over 40 / 56 tiles and streamed their weights at
+    // 1.5 / 2.0 TB/s (out_proj at M = 1: 17.0 / 26.1 us), where OPT-66B's out_proj, 72 whole tiles
+    // data-parallel, reached 2.4 TB/s. Not for the int8 output, which has no narrow build: it serves
+    // fc1 (N = 4h), whose 64-row tiles outnumber the SMs from OPT-2.7B up.
+    if (!int8_out && ceil_div(p.n, 64) <= sms) {
+      return {p.m <= 16 ? GemmConfig::kSwapM16Narrow : GemmConfig::kSwapM64Narrow, 1};
+    }
+    // Wider N (or the int8 output): 128-row tiles, whose partial last wave CUTLASS balances with
+    // stream-K; splits_for takes over where they are few.
+    const int k_step = p.m <= 16 ? 256 : 128;
+    return {p.m <= 16 ? GemmConfig::kSwapM16 : GemmConfig::kSwapM64,
+            splits_for(ceil_div(p.n, 128), ceil_div(p.k, k_step), sms)};
+  }
+  // 128x128 tiles, in pairs along N (the 1x2 cluster), for 64 < M <= 256, and for larger M where the
+  // 128x256 tiles of kLarge would leave over a quarter of the SMs idle in their single wave: OPT-13B
+  // out_proj and fc2 at M = 512 have 80 such tiles, each CTA then computing a 128x256 block over all of
+  // K (31 us for out_proj, 1.29x fp16), while twice as many 128x128 tiles let stream-K spread K over
+  // every SM. Not for the int8 output, which has no kM256 build.
+  const int m256_tiles = ceil_div(p.m, 128) * 2 * ceil_div(p.n, 256);
+  const int large_tiles = ceil_div(p.m, 128) * ceil_div(p.n, 256);
+  if (!int8_out && (p.m <= 256 || 4 * large_tiles <= 3 * sms)) {
+    return {GemmConfig::kM256, splits_for(m256_tiles, ceil_div(p.k, 128), sms)};
+  }
+  return {GemmConfig::kLarge, splits_for(large_tiles, ceil_div(p.k, 128), sms)};
+}
+
 template <typename ElementOut, typename ElementBias>
-void run_sm90(const char* op, const GemmProblem& p, const torch::Tensor& like) {
+void run_sm90(const char* op, const GemmProblem& problem, const torch::Tensor& like) {
   using sm90::GemmConfig;
   constexpr bool kInt8Out = std::is_same_v<ElementOut, int8_t>;
+  const Sm90Schedule schedule = sm90_schedule(problem, sm_count(), kInt8Out);
+  GemmProblem p = problem;
+  p.splits = schedule.splits;
   auto launch = [&](auto config_tag) {
     constexpr GemmConfig C = decltype(config_tag)::value;
     run_kernel(op, p, like, &sm90::workspace_size<C, ElementOut, ElementBias>, &sm90::run<C, ElementOut, ElementBias>);
   };
-  using SwapM16 = std::integral_constant<GemmConfig, GemmConfig::kSwapM16>;
-  using SwapM64 = std::integral_constant<GemmConfig, GemmConfig::kSwapM64>;
-  using M256 = std::integral_constant<GemmConfig, GemmConfig::kM256>;
-  using Large = std::integral_constant<GemmConfig, GemmConfig::kLarge>;
-  if constexpr (kInt8Out) {
-    // Three int8-output configurations are built (each sm90 instantiation costs about a minute of
-    // compile time): the two swapped ones for decode-sized M, the large one for the rest.
-    if (p.m <= 16) {
-      launch(SwapM16{});
-    } else if (p.m <= 64) {
-      launch(SwapM64{});
-    } else {
-      launch(Large{});
-    }
-  } else {
-    // Decode-sized M is memory bound: swap A/B so the weights fill the wide MMA tile side.
-    if (p.m <= 16) {
-      launch(SwapM16{});
-    } else if (p.m <= 64) {
-      launch(SwapM64{});
-    } else if (p.m <= 256) {
-      launch(M256{});
-    } else {
-      launch(Large{});
+  // Three int8-output configurations are built (each sm90 instantiation costs about a minute of compile
+  // time), so the fp16/bf16-only ones are named under `if constexpr`.
+  switch (schedule.config) {
+    case GemmConfig::kSwapM16: launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM16>{}); return;
+    case GemmConfig::kSwapM64: launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM64>{}); return;
+    case GemmConfig::kLarge: launch(std::integral_constant<GemmConfig, GemmConfig::kLarge>{}); return;
+    default: break;
+  }
+  if constexpr (!kInt8Out) {
+    switch (schedule.config) {
+      case GemmConfig::kSwapM16Narrow:
+        launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM16Narrow>{});
+        return;
+      case GemmConfig::kSwapM64Narrow:
+        launch(std::integral_constant<GemmConfig, GemmConfig::kSwapM64Narrow>{});
+        return;
+      case GemmConfig::kM256: launch(std::integral_constant<GemmConfig, GemmConfig::kM256>{}); return;
+      default: break;
     }
   }
+  TORCH_CHECK(false, op, ": no sm90 kernel built for configuration ", static_cast<int>(schedule.config));
 }
 
 // SMOOTHSERVE_SM80_STREAMK=1 lets the sm80 kernels split K across CTAs (stream-K); unset or 0, they

@@ -23,10 +23,14 @@ struct GemmProblem {
   bool a_scale_per_token;
   bool w_scale_per_channel;
   bool relu;
-  // sm80 kernels only (the sm90 ones always run their stream-K scheduler): let CUTLASS 2.x stream-K
-  // split K across CTAs. Off (the default), the same kernel runs whole tiles data-parallel; see
-  // w8a8_gemm_sm80.cuh for why. The dispatcher sets it from SMOOTHSERVE_SM80_STREAMK.
+  // sm80 kernels only: let CUTLASS 2.x stream-K split K across CTAs. Off (the default), the same kernel
+  // runs whole tiles data-parallel; see w8a8_gemm_sm80.cuh for why. The dispatcher sets it from
+  // SMOOTHSERVE_SM80_STREAMK.
   bool stream_k = false;
+  // sm90 stream-K configurations only: 1 lets CUTLASS's heuristic choose data-parallel or stream-K;
+  // s > 1 forces split-K, every output tile's K cut into s equal slices. The dispatcher chooses it
+  // (w8a8_gemm.cu); the data-parallel sm90 configurations ignore it.
+  int splits = 1;
 };
 
 }  // namespace smoothserve

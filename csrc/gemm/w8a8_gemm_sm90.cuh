@@ -133,12 +133,20 @@ struct W8A8GemmSm90 {
     } else {
       epilogue = typename Epilogue::Arguments{{token_scale, channel_times_acc, bias, {}}, {{floor}}, {}};
     }
-    return typename Gemm::Arguments{
+    typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {kernel_m, kernel_n, p.k, 1},
         {kernel_a, stride_a, kernel_b, stride_b},
         {epilogue, nullptr, stride_d, static_cast<ElementOut*>(p.out), stride_d},
     };
+    if constexpr (std::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
+      using Decomposition = cutlass::gemm::kernel::detail::DecompositionMode;
+      // splits > 1: every tile's K in equal slices, the first slice's CTA storing its int32 partial to
+      // the workspace and the last one adding it before the epilogue (the only peers when splits = 2).
+      args.scheduler.splits = p.splits;
+      args.scheduler.decomposition_mode = p.splits > 1 ? Decomposition::SplitK : Decomposition::Heuristic;
+    }
+    return args;
   }
 };
 
@@ -157,6 +165,23 @@ struct ConfigOf<GemmConfig::kSwapM64, ElementOut, ElementBias> {
   using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_128, _64, _128>, Shape<_1, _1, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
+};
+// The narrow configurations: one consumer warpgroup per 64 weight rows, non-persistent (one CTA per
+// tile: no workspace, no memset, no fixup). Shared memory holds 11 (M <= 16) or 6 (M <= 64) stages of
+// 64x256 weights, 176 / 96 KiB in flight per SM. For M <= 64 the activations tile is as large as the
+// weights tile, so a 2x1 cluster multicasts it to the CTAs of two neighbouring weight tiles, halving
+// its L2 reads.
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kSwapM16Narrow, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_64, _16, _256>, Shape<_1, _1, _1>,
+                            cutlass::gemm::KernelTmaWarpSpecialized, cutlass::epilogue::TmaWarpSpecialized, void,
+                            true>;
+};
+template <typename ElementOut, typename ElementBias>
+struct ConfigOf<GemmConfig::kSwapM64Narrow, ElementOut, ElementBias> {
+  using type = W8A8GemmSm90<ElementOut, ElementBias, Shape<_64, _64, _256>, Shape<_2, _1, _1>,
+                            cutlass::gemm::KernelTmaWarpSpecialized, cutlass::epilogue::TmaWarpSpecialized, void,
+                            true>;
 };
 template <typename ElementOut, typename ElementBias>
 struct ConfigOf<GemmConfig::kM256, ElementOut, ElementBias> {
