@@ -99,7 +99,10 @@ def test_prefill_over_an_int8_prefix_matches_reference(context) -> None:
     if context == 0:  # the first chunk attends to its own fresh keys, not the cache
         expected = ops.paged_attention_reference(q, *_single_block(k, v), (new,), (0,), dim**-0.5)
     else:
-        expected = ops.paged_attention_reference(q, k_cache, v_cache, table, (new,), (context,), dim**-0.5, ks, vs)
+        # Prefill dequantizes the prefix to the query's dtype (one fp16 rounding of each key and value)
+        # before its fp16 attention: the reference gets the same fp16 keys and values.
+        k16, v16 = ops.dequantize_kv(k_cache, ks, torch.float16), ops.dequantize_kv(v_cache, vs, torch.float16)
+        expected = ops.paged_attention_reference(q, k16, v16, table, (new,), (context,), dim**-0.5)
     _assert_close(actual, expected, torch.float16)
 
 
