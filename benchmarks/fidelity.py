@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks.common import provenance, release_memory, targets_table, write_report
 from benchmarks.latency import architecture
 from engine.config import QuantConfig
-from engine.eval.fidelity import score_through_kv_cache
+from engine.eval.fidelity import compare_log_probs, score_through_kv_cache
 from engine.models.loader import empty_model, fill_random
 from engine.models.opt import OPTArchitecture, OPTForCausalLM
 from engine.quant.calibrate import calibrate
@@ -77,9 +77,8 @@ def log_probs(model: OPTForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def compare(reference: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
-    kl = F.kl_div(test, reference, log_target=True, reduction="batchmean").item()
-    agree = (reference.argmax(-1) == test.argmax(-1)).float().mean().item()
-    return {"mean_kl": kl, "top1_agreement": agree}
+    fidelity = compare_log_probs(reference, test)
+    return {"mean_kl": fidelity.mean_kl, "top1_agreement": fidelity.top1_agreement}
 
 
 def run_model(shape_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:

@@ -18,14 +18,19 @@ class Fidelity:
     num_positions: int
 
 
+def compare_log_probs(reference: torch.Tensor, test: torch.Tensor) -> Fidelity:
+    """Next-token log-probabilities [positions, vocab] of two models on the same positions."""
+    agree = (reference.argmax(-1) == test.argmax(-1)).float().mean().item()
+    kl = F.kl_div(test, reference, log_target=True, reduction="batchmean")
+    return Fidelity(top1_agreement=agree, mean_kl=kl.item(), num_positions=reference.shape[0])
+
+
 @torch.no_grad()
 def compare_models(reference: OPTForCausalLM, test: OPTForCausalLM, token_ids: torch.Tensor) -> Fidelity:
     """Compare next-token predictions on every position of `token_ids` [B, L]."""
     ref_logits = reference.score(token_ids.to(reference.device)).float().flatten(0, 1)
     test_logits = test.score(token_ids.to(test.device)).float().flatten(0, 1).to(ref_logits)
-    agree = (ref_logits.argmax(-1) == test_logits.argmax(-1)).float().mean().item()
-    kl = F.kl_div(F.log_softmax(test_logits, -1), F.log_softmax(ref_logits, -1), log_target=True, reduction="batchmean")
-    return Fidelity(top1_agreement=agree, mean_kl=kl.item(), num_positions=ref_logits.shape[0])
+    return compare_log_probs(F.log_softmax(ref_logits, -1), F.log_softmax(test_logits, -1))
 
 
 @torch.no_grad()
