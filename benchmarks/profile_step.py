@@ -1,5 +1,6 @@
 """Where one engine step spends its GPU time: the kernels of a decode step (and of a prefill), by total
-CUDA time, from torch.profiler. A tool for finding what to speed up, not a benchmark of record.
+CUDA time, and the host operations by self CPU time, from torch.profiler. A tool for finding what to
+speed up, not a benchmark of record.
 
     python -m benchmarks.profile_step --model opt-30b --variant w8a8-O3 --batch 1 --prefill 128
 """
@@ -33,6 +34,13 @@ def kernel_table(fn, steps: int, rows: int) -> str:
     for e in events[:rows]:
         lines.append(f"{e.device_time_total / steps:9.1f} {e.count // steps:6d} {e.device_time_total / e.count:8.2f}"
                      f"  {e.key[:110]}")  # fmt: skip
+    # The host side: where the CPU spends a step (CUDA runtime calls included, so a copy or sync that waits
+    # for the GPU shows up), for when wall time per step exceeds GPU time.
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines += [f"Host time per step: {sum(e.self_cpu_time_total for e in host) / steps / 1e3:.3f} ms (self CPU time)",
+              f"{'us/step':>9} {'calls':>6}  host op"]  # fmt: skip
+    lines += [f"{e.self_cpu_time_total / steps:9.1f} {e.count // steps:6d}  {e.key[:110]}" for e in host[:rows]]
     return "\n".join(lines)
 
 
