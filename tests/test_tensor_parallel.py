@@ -231,10 +231,10 @@ def test_a_rank_reads_only_its_slice_of_a_safetensors_checkpoint(tiny_outlier_mo
 # The engine with two ranks (ranks 1.. are processes, gloo on the CPU)
 
 
-def _generate(model_dir: Path, tensor_parallel_size: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def _generate(model_dir: Path, tensor_parallel_size: int, **kwargs) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of PROMPTS and the logits of every step (chunked prefill mixes prefill with decodes)."""
     llm = LLM(str(model_dir), device="cpu", dtype="float32", tensor_parallel_size=tensor_parallel_size,
-              num_cpu_blocks=64, max_num_batched_tokens=8)  # fmt: skip
+              num_cpu_blocks=64, max_num_batched_tokens=8, **kwargs)  # fmt: skip
     logits: list[torch.Tensor] = []
     execute = llm.engine.runner.execute
 
@@ -254,6 +254,15 @@ def test_two_ranks_generate_what_one_does_float(peaked_model_dir) -> None:
     tp_tokens, tp_logits = _generate(peaked_model_dir, 2)
     assert tp_tokens == tokens
     assert len(tp_logits) == len(logits)
+    for tp_step, step in zip(tp_logits, logits, strict=True):
+        torch.testing.assert_close(tp_step, step, atol=FLOAT32_ATOL, rtol=0)
+
+
+def test_two_ranks_generate_what_one_does_with_an_int8_kv_cache(peaked_model_dir) -> None:
+    """Each rank keeps its heads' int8 rows and per-head scales: the same numbers one rank keeps."""
+    tokens, logits = _generate(peaked_model_dir, 1, kv_cache_dtype="int8")
+    tp_tokens, tp_logits = _generate(peaked_model_dir, 2, kv_cache_dtype="int8")
+    assert tp_tokens == tokens
     for tp_step, step in zip(tp_logits, logits, strict=True):
         torch.testing.assert_close(tp_step, step, atol=FLOAT32_ATOL, rtol=0)
 
