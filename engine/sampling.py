@@ -137,8 +137,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     """Draw one token per row of logits [B, V] (float32 internally)."""
     logits = suppress_stops_before_min_tokens(apply_penalties(logits.float().clone(), rows), rows)
     device = logits.device
-    temperature = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)
-    logits = logits / temperature[:, None]
+    # One temperature for the whole batch (all greedy, 0 -> 1, is the common case) needs no host-to-device copy.
+    temperatures = [r.params.temperature or 1.0 for r in rows]
+    if len(set(temperatures)) == 1:
+        if temperatures[0] != 1.0:
+            logits = logits / temperatures[0]
+    else:
+        logits = logits / torch.tensor(temperatures, device=device)[:, None]
     # The full-vocabulary sort of top-k / top-p only where some row asks for it (a server's default).
     if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
         top_k = torch.tensor([r.params.top_k for r in rows], device=device)
