@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="opt-13b")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    fp16, w8a8 = load(args.fp16), load(args.w8a8)
     directories = {"fp16": args.fp16, "w8a8": args.w8a8}
     if args.w8a8_kv8 is not None:
         directories["w8a8-kv8"] = args.w8a8_kv8
-    extra = {name: load(directory) for name, directory in directories.items() if name not in ("fp16", "w8a8")}
-    runs = {"fp16": fp16, "w8a8": w8a8, **extra}
+    runs = {name: load(directory) for name, directory in directories.items()}
+    fp16, w8a8 = runs["fp16"], runs["w8a8"]
+    extra = {name: run for name, run in runs.items() if name not in ("fp16", "w8a8")}
     config = fp16["config"]
     report = {"device": args.device_name, "date": w8a8["date"], "commit": git_commit(), "model": args.model,
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "

@@ -398,6 +398,17 @@ def dequantize_kv(rows: torch.Tensor, scales: torch.Tensor | None, dtype: torch.
     return (rows.float() * scales[..., None]).to(dtype)
 
 
+def gather_kv(
+    cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The rows of the cache blocks `blocks` [..., W] laid end to end, [..., W * block_size, H, D], as `dtype`
+    (an int8 cache's rows dequantized by their scales)."""
+    blocks = blocks.long()
+    dim = blocks.dim() - 1  # the block axis, merged with the block's token axis
+    rows = cache[blocks].flatten(dim, dim + 1)
+    return dequantize_kv(rows, None if scales is None else scales[blocks].flatten(dim, dim + 1), dtype)
+
+
 def _check_kv_scales(name: str, key_cache: torch.Tensor, key_scales: torch.Tensor | None,
                      value_scales: torch.Tensor | None) -> None:  # fmt: skip
     quantized = key_cache.dtype == torch.int8
@@ -450,23 +461,19 @@ def paged_attention_reference(
 ) -> torch.Tensor:
     """The specification of attention over the paged cache: sequence i's query_lens[i] new tokens [T, H, D],
     already written to the cache after its context_lens[i] cached ones, attend causally to all of them."""
-    key_cache = dequantize_kv(key_cache, key_scales, torch.float32)
-    value_cache = dequantize_kv(value_cache, value_scales, torch.float32)
     block_size = key_cache.shape[1]
     outputs, start = [], 0
     for index, (new, context) in enumerate(zip(query_lens, context_lens, strict=True)):
         total = context + new
-        blocks = block_tables[index, : -(-total // block_size)].long()
-        keys = key_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)  # [H, total, D]
-        values = value_cache[blocks].flatten(0, 1)[:total].transpose(0, 1)
+        blocks = block_tables[index, : -(-total // block_size)]
+        keys = gather_kv(key_cache, key_scales, blocks, torch.float32)[:total].transpose(0, 1)  # [H, total, D]
+        values = gather_kv(value_cache, value_scales, blocks, torch.float32)[:total].transpose(0, 1)
         q = query[start : start + new].transpose(0, 1)  # [H, new, D]
         # Query i sits at position context + i and sees keys 0 .. context + i.
         visible = (
             torch.arange(total, device=q.device)[None, :] <= (context + torch.arange(new, device=q.device))[:, None]
         )
-        out = F.scaled_dot_product_attention(
-            q.float(), keys.float(), values.float(), attn_mask=visible, scale=scale
-        ).to(q.dtype)
+        out = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=visible, scale=scale).to(q.dtype)
         outputs.append(out.transpose(0, 1))
         start += new
     return torch.cat(outputs)
@@ -484,13 +491,8 @@ def paged_attention_decode_reference(
 ) -> torch.Tensor:
     """One new token per sequence [B, H, D] over its seq_lens[b] cached tokens (its own included), in
     float32; a sequence of length 0 (a padding row) gets zeros."""
-    tables = block_tables.long()
-
-    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # [B, W * block_size, H, D]
-        return dequantize_kv(cache[tables].flatten(1, 2), None if scales is None else scales[tables].flatten(1, 2),
-                             torch.float32)  # fmt: skip
-
-    keys, values = gather(key_cache, key_scales), gather(value_cache, value_scales)
+    keys = gather_kv(key_cache, key_scales, block_tables, torch.float32)  # [B, W * block_size, H, D]
+    values = gather_kv(value_cache, value_scales, block_tables, torch.float32)
     scores = torch.einsum("bhd,bthd->bht", query.float(), keys) * scale
     visible = torch.arange(keys.shape[1], device=query.device)[None, :] < seq_lens.to(query.device)[:, None].long()
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
@@ -566,14 +568,9 @@ def prefill_attention(
         return out[0].transpose(0, 1)
     total = context_len + new
     block_size = key_cache.shape[1]
-    blocks = block_table[: -(-total // block_size)].long()
-
-    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:  # [1, H, total, D]
-        rows = cache[blocks].flatten(0, 1)[:total]
-        row_scales = None if scales is None else scales[blocks].flatten(0, 1)[:total]
-        return dequantize_kv(rows, row_scales, q.dtype).transpose(0, 1)[None]
-
-    keys, values = gather(key_cache, key_scales), gather(value_cache, value_scales)
+    blocks = block_table[: -(-total // block_size)]
+    keys = gather_kv(key_cache, key_scales, blocks, q.dtype)[:total].transpose(0, 1)[None]  # [1, H, total, D]
+    values = gather_kv(value_cache, value_scales, blocks, q.dtype)[:total].transpose(0, 1)[None]
     # Query i sits at position context_len + i: the causal mask aligned to the lower right.
     mask = causal_lower_right(new, total)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)

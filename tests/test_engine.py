@@ -46,6 +46,16 @@ def make_llm(model_dir, **kwargs) -> LLM:
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 
+def _agreement(outputs, reference: list[list[int]]) -> float:
+    """Position-wise share of generated tokens equal to the reference's (every run has MAX_TOKENS)."""
+    same = sum(
+        a == b
+        for o, ref in zip(outputs, reference, strict=True)
+        for a, b in zip(o.outputs[0].token_ids, ref, strict=True)
+    )
+    return same / (len(reference) * MAX_TOKENS)
+
+
 @pytest.mark.parametrize(
     "engine_kwargs",
     [
@@ -90,12 +100,7 @@ def test_w8a8_engine_tracks_the_float_engine(trained_outlier_model_dir, prompts,
 
     llm = make_llm(trained_outlier_model_dir, quantization="w8a8", quant=QuantConfig(level="O1", alpha=0.5))
     outputs = llm.generate(prompts, GREEDY)
-    same = sum(
-        a == b
-        for o, ref in zip(outputs, hf_greedy, strict=True)
-        for a, b in zip(o.outputs[0].token_ids, ref, strict=True)
-    )
-    assert same / (len(prompts) * MAX_TOKENS) >= 0.9
+    assert _agreement(outputs, hf_greedy) >= 0.9
 
 
 @pytest.mark.parametrize(
@@ -109,12 +114,7 @@ def test_int8_kv_cache_engine_tracks_transformers(trained_outlier_model_dir, pro
     llm = make_llm(trained_outlier_model_dir, kv_cache_dtype="int8", **engine_kwargs)
     assert llm.engine.runner.kv_caches[0].keys.dtype == torch.int8
     outputs = llm.generate(prompts, GREEDY)
-    same = sum(
-        a == b
-        for o, ref in zip(outputs, hf_greedy, strict=True)
-        for a, b in zip(o.outputs[0].token_ids, ref, strict=True)
-    )
-    assert same / (len(prompts) * MAX_TOKENS) >= 0.9
+    assert _agreement(outputs, hf_greedy) >= 0.9
     assert llm.engine.scheduler.blocks.num_free_blocks == llm.engine.scheduler.blocks.num_blocks
 
 

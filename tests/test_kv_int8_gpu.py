@@ -10,6 +10,7 @@ import torch
 
 from engine import ops
 from tests.test_attention_gpu import CONTEXTS, CUDA, _assert_close, _block_tables
+from tests.test_attention_gpu import _decode_case as attention_decode_case
 
 pytestmark = pytest.mark.gpu
 
@@ -25,14 +26,10 @@ def _int8_cache(num_blocks: int, block_size: int, heads: int, dim: int, g: torch
 
 
 def _decode_case(lens: list[int], block_size: int, heads: int, dim: int, dtype, seed: int):
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    width = max(1, max(-(-n // block_size) for n in lens))
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    cache = _int8_cache(num_blocks, block_size, heads, dim, g)
-    tables = _block_tables(lens, block_size, width, num_blocks, g)
-    qkv = torch.randn(len(lens), 3 * heads * dim, device=CUDA, generator=g).to(dtype)
-    query = qkv[:, : heads * dim].view(-1, heads, dim)  # strided rows, as the model's fused qkv gives
-    return query, cache, tables, torch.tensor(lens, dtype=torch.int32, device=CUDA)
+    """test_attention_gpu's decode case (strided query rows, shuffled block tables), over an int8 cache."""
+    query, key_cache, _, tables, seq_lens = attention_decode_case(lens, block_size, heads, dim, dtype, seed)
+    cache = _int8_cache(key_cache.shape[0], block_size, heads, dim, torch.Generator(device=CUDA).manual_seed(seed))
+    return query, cache, tables, seq_lens
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
