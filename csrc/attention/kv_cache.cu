@@ -10,6 +10,7 @@
 #include "../cuda_utils.h"
 #include "../ops.h"
 #include "../quantization/quantize_common.cuh"
+#include "kv_cache_checks.h"
 
 namespace smoothserve {
 namespace {
@@ -71,21 +72,10 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 
 void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
                     torch::Tensor& value_cache, const torch::Tensor& slots) {
-  TORCH_CHECK(key.is_cuda() && key.dim() == 3 && key.sizes() == value.sizes(),
-              "write_kv_cache: key and value must be CUDA [T, H, D] tensors of one shape");
-  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
-                  value.stride(1) == value.size(2),
-              "write_kv_cache: each key/value row must be contiguous [H, D]");
-  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-                  key_cache.sizes() == value_cache.sizes() && key_cache.size(2) == key.size(1) &&
-                  key_cache.size(3) == key.size(2),
-              "write_kv_cache: caches must be contiguous [blocks, block_size, H, D] matching the keys");
+  check_kv_write("write_kv_cache", key, value, key_cache, value_cache, slots);
   TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type() &&
                   value_cache.scalar_type() == key_cache.scalar_type(),
               "write_kv_cache: keys, values and caches must share one dtype");
-  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.size(0) == key.size(0) &&
-                  slots.is_contiguous() && slots.device() == key.device(),
-              "write_kv_cache: slots must be a contiguous int64 [T] tensor on the keys' device");
   const int64_t element = key.element_size();
   const int64_t row_bytes = key.size(1) * key.size(2) * element;
   TORCH_CHECK(row_bytes % 16 == 0 && (key.stride(0) * element) % 16 == 0 && (value.stride(0) * element) % 16 == 0 &&
@@ -105,28 +95,12 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
 void write_kv_cache_int8(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
                          torch::Tensor& value_cache, torch::Tensor& key_scales, torch::Tensor& value_scales,
                          const torch::Tensor& slots) {
-  TORCH_CHECK(key.is_cuda() && key.dim() == 3 && key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
-              "write_kv_cache_int8: key and value must be CUDA [T, H, D] tensors of one shape and dtype");
-  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
-                  value.stride(1) == value.size(2),
-              "write_kv_cache_int8: each key/value row must be contiguous [H, D]");
-  TORCH_CHECK(key_cache.scalar_type() == torch::kChar && value_cache.scalar_type() == torch::kChar &&
-                  key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
-                  key_cache.sizes() == value_cache.sizes() && key_cache.size(2) == key.size(1) &&
-                  key_cache.size(3) == key.size(2),
-              "write_kv_cache_int8: caches must be contiguous int8 [blocks, block_size, H, D] matching the keys");
-  for (const torch::Tensor* scales : {&key_scales, &value_scales}) {
-    TORCH_CHECK(scales->scalar_type() == torch::kFloat && scales->is_contiguous() && scales->dim() == 3 &&
-                    scales->size(0) == key_cache.size(0) && scales->size(1) == key_cache.size(1) &&
-                    scales->size(2) == key_cache.size(2),
-                "write_kv_cache_int8: scales must be contiguous float32 [blocks, block_size, H]");
-  }
-  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.dim() == 1 && slots.size(0) == key.size(0) &&
-                  slots.is_contiguous() && slots.device() == key.device(),
-              "write_kv_cache_int8: slots must be a contiguous int64 [T] tensor on the keys' device");
-  TORCH_CHECK(key_cache.device() == key.device() && value_cache.device() == key.device() &&
-                  key_scales.device() == key.device() && value_scales.device() == key.device(),
-              "write_kv_cache_int8: caches and scales must be on the keys' device");
+  check_kv_write("write_kv_cache_int8", key, value, key_cache, value_cache, slots);
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() && key_cache.scalar_type() == torch::kChar &&
+                  value_cache.scalar_type() == torch::kChar,
+              "write_kv_cache_int8: key and value must share one dtype, and the caches must be int8");
+  check_kv_scales("write_kv_cache_int8", key_scales, key_cache);
+  check_kv_scales("write_kv_cache_int8", value_scales, value_cache);
   if (key.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(key.device());
   const int num_heads = key.size(1), head_dim = key.size(2);

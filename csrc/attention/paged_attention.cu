@@ -28,6 +28,7 @@
 
 #include "../cuda_utils.h"
 #include "../ops.h"
+#include "kv_cache_checks.h"
 
 namespace smoothserve {
 namespace {
@@ -402,13 +403,8 @@ torch::Tensor paged_attention_decode(const torch::Tensor& query, const torch::Te
   TORCH_CHECK(quantized == (key_scales.has_value() && value_scales.has_value()),
               "paged_attention_decode: an int8 cache needs key and value scales, and only an int8 cache takes them");
   if (quantized) {
-    for (const torch::Tensor* scales : {&*key_scales, &*value_scales}) {
-      TORCH_CHECK(scales->scalar_type() == torch::kFloat && scales->is_contiguous() && scales->dim() == 3 &&
-                      scales->size(0) == key_cache.size(0) && scales->size(1) == key_cache.size(1) &&
-                      scales->size(2) == key_cache.size(2) && scales->device() == query.device(),
-                  "paged_attention_decode: scales must be contiguous float32 [blocks, block_size, H] on the "
-                  "query's device");
-    }
+    check_kv_scales("paged_attention_decode", *key_scales, key_cache);
+    check_kv_scales("paged_attention_decode", *value_scales, value_cache);
   }
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt && block_tables.dim() == 2 &&
                   block_tables.is_contiguous() && block_tables.size(0) == query.size(0),
