@@ -8,6 +8,7 @@ speed up, not a benchmark of record.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,7 +19,7 @@ from engine.model_runner import ModelRunner, determine_num_blocks, profile_activ
 from engine.sampling import SamplingParams, SamplingRow, sample
 
 
-def kernel_table(fn, steps: int, rows: int) -> str:
+def kernel_table(fn, steps: int, rows: int, trace: str | None = None) -> str:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -26,6 +27,8 @@ def kernel_table(fn, steps: int, rows: int) -> str:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
@@ -55,6 +58,17 @@ def wall_ms(fn, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
+def host_ms(fn, steps: int) -> float:
+    """Wall time per call measured on the host, synchronizing after each call (a step as the engine runs it)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="opt-30b")
@@ -65,6 +79,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--trace", help="write the profiled decode steps as a Chrome trace to this file")
+    parser.add_argument("--breakdown", action="store_true", help="host-timed parts of a decode step: flattening, "
+                        "the forward alone, with the logits, with sampling")  # fmt: skip
     parser.add_argument("--sample", action="store_true", help="include greedy sampling of the step's logits, "
                         "as a server's step does")  # fmt: skip
     args = parser.parse_args()
@@ -90,7 +107,20 @@ def main() -> None:
 
     print(f"== {args.model} {args.variant} decode batch {args.batch} context {args.context}: "
           f"{wall_ms(run_decode, args.steps):.3f} ms/step wall")  # fmt: skip
-    print(kernel_table(run_decode, args.steps, args.rows))
+    if args.breakdown:
+        batch = runner._flatten(decode, sequences)
+        parts = {
+            "flatten (host)": lambda: runner._flatten(decode, sequences),
+            "forward": (lambda: runner.graphs.run(batch)) if runner.graphs else (lambda: runner.run(batch)),
+            "forward + logits": lambda: runner.run(batch),
+            "execute": lambda: runner.execute(decode, sequences),
+            "execute + sample": lambda: sample(
+                runner.execute(decode, sequences).logits, [SamplingRow(greedy, [], [], None, None)] * args.batch
+            ),
+        }
+        for name, fn in parts.items():
+            print(f"  {name:<18} {host_ms(fn, args.steps):8.3f} ms (host-timed, synchronized)")
+    print(kernel_table(run_decode, args.steps, args.rows, args.trace))
     if args.prefill:
         prefill, prefill_seqs = _step([(0, args.prefill)])
         run_prefill = lambda: runner.execute(prefill, prefill_seqs)  # noqa: E731
