@@ -5,13 +5,16 @@
 // head_dim contiguous elements, so a tile of tokens is loaded with coalesced 16-byte vectors.
 //
 // An int8 cache holds round(x / s) with one float32 scale s per (slot, head) in key_scales/value_scales
-// [num_blocks, block_size, num_heads]. Its tiles are widened to the query's type in shared memory (|q| <=
-// 128 is exact in fp16 and bf16) and the scales are applied where they factor out: a key's to its score,
-// a value's to its probability weight. Half the bytes of an fp16 cache are read, and nothing else changes.
+// [num_blocks, block_size, num_heads]. Its tiles stay int8 in shared memory (converted to float where they
+// are read: half the shared memory, so more CTAs per SM keep loads in flight) and the scales are applied
+// where they factor out: a key's to its score, a value's to its probability weight. Half the bytes of an
+// fp16 cache are read, and nothing else changes.
 //
 // Work split (flash-decoding): one CTA per (head, sequence, partition of partition_tokens). A CTA walks
-// its partition in tiles of kTileTokens: stage K and V tiles in shared memory, score the tile, update
-// an online softmax (running max m and sum l, shared by all threads), and accumulate p·V. With one
+// its partition in load tiles: stage K and V tiles in shared memory, then per compute tile of kTileTokens
+// score it, update an online softmax (running max m and sum l, shared by all threads), and accumulate p·V.
+// A load tile is one compute tile of an fp16/bf16 cache and two of an int8 cache: each load tile is one
+// latency-bound round trip to memory, so the half-size int8 rows move as many bytes per trip as fp16 rows. With one
 // partition the CTA writes the output; with several, each writes (normalized partial output, m, l) and
 // a second kernel merges them. The grid depends only on tensor shapes (never on lengths held on the
 // device), so a CUDA graph captured for a batch size replays for any lengths. For the same reason the
@@ -39,24 +42,35 @@ constexpr int kMaxPartitionTokens = 512;
 // CTAs per SM that a typical context (kMaxPartitionTokens tokens) should give at least.
 constexpr int kCtasPerSm = 4;
 constexpr int kVec = 8;  // elements per 16-byte vector of fp16/bf16
-// Shared-memory rows are padded by one vector so 16-byte reads of neighbouring rows hit different banks.
-constexpr int kRowPad = kVec;
 
-template <typename T>
-__device__ __forceinline__ float2 to_float2(T a, T b) {
-  return make_float2(static_cast<float>(a), static_cast<float>(b));
+// Two neighbouring cache elements (one aligned 2- or 4-byte shared-memory read) as floats.
+template <typename CacheT>
+__device__ __forceinline__ float2 load_pair(const CacheT* p) {
+  if constexpr (sizeof(CacheT) == 1) {
+    const char2 v = *reinterpret_cast<const char2*>(p);
+    return make_float2(static_cast<float>(v.x), static_cast<float>(v.y));
+  } else {
+    return make_float2(static_cast<float>(p[0]), static_cast<float>(p[1]));
+  }
 }
 
-// 16 int8 values -> 16 T at dst (32 bytes, 16-byte aligned), as two 16-byte stores.
-template <typename T>
-__device__ __forceinline__ void store_widened(T* dst, uint4 packed) {
-  const int8_t* in = reinterpret_cast<const int8_t*>(&packed);
-  alignas(16) T wide[16];
-#pragma unroll
-  for (int j = 0; j < 16; ++j) wide[j] = static_cast<T>(static_cast<float>(in[j]));
-  reinterpret_cast<uint4*>(dst)[0] = reinterpret_cast<const uint4*>(wide)[0];
-  reinterpret_cast<uint4*>(dst)[1] = reinterpret_cast<const uint4*>(wide)[1];
+// Elements of one shared-memory read when scoring a key: 16 bytes, or 8 for an int8 row whose halves are
+// not whole 16-byte vectors (head_dim 80). One thread scores half a row.
+template <typename CacheT, int HeadDim>
+constexpr int score_read_elems() {
+  return (sizeof(CacheT) == 1 && HeadDim % 32 != 0) ? 8 : 16 / sizeof(CacheT);
 }
+
+template <int Bytes>
+struct RawVector;
+template <>
+struct RawVector<16> {
+  using type = uint4;
+};
+template <>
+struct RawVector<8> {
+  using type = uint2;
+};
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -70,24 +84,29 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T, int HeadDim>
+template <typename CacheT, int HeadDim>
 struct SharedTiles {
-  static constexpr int kRow = HeadDim + kRowPad;
+  static constexpr int kSubTiles = sizeof(CacheT) == 1 ? 2 : 1;  // compute tiles per load tile
+  static constexpr int kTokens = kTileTokens * kSubTiles;         // tokens per load tile
+  // Rows are padded by one 16-byte vector so the score step's reads of neighbouring rows hit different banks.
+  static constexpr int kRow = HeadDim + 16 / sizeof(CacheT);
   static constexpr int kPairs = HeadDim / 2;
   // Threads that accumulate p·V: `kGroups` groups of `kPairs` threads, each group a share of the tile.
   static constexpr int kGroups = kThreads / kPairs;
-  T keys[kTileTokens * kRow];
-  T values[kTileTokens * kRow];
+  alignas(16) CacheT keys[kTokens * kRow];
+  alignas(16) CacheT values[kTokens * kRow];
   float query[HeadDim];
   float logits[kTileTokens];
   float probs[kTileTokens];
-  float key_scale[kTileTokens];  // int8 caches only
-  float value_scale[kTileTokens];
+  float key_scale[kTokens];  // int8 caches only
+  float value_scale[kTokens];
   float partial[kGroups * HeadDim];
 };
 
+// At least 4 CTAs per SM (<= 128 registers a thread): each keeps a load tile in flight, and fewer leave the
+// memory system idle between a CTA's round trips. (head_dim 256's tiles allow 3 CTAs per SM by shared memory.)
 template <typename T, typename CacheT, int HeadDim>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, HeadDim <= 128 ? 4 : 1)
     paged_attention_decode_kernel(T* __restrict__ out,                 // [B, H, D]
                                   float* __restrict__ partial_out,     // [B, H, P, D] when P > 1
                                   float* __restrict__ partial_max,     // [B, H, P]
@@ -100,16 +119,16 @@ __global__ void __launch_bounds__(kThreads)
                                   const float* __restrict__ value_scales,
                                   const int32_t* __restrict__ block_tables,  // [B, max_blocks]
                                   int max_blocks, const int32_t* __restrict__ seq_lens, int block_size,
-                                  int partition_tokens,  // a multiple of kTileTokens
+                                  int partition_tokens,  // a multiple of the load tile's tokens
                                   float scale) {
-  using Tiles = SharedTiles<T, HeadDim>;
+  using Tiles = SharedTiles<CacheT, HeadDim>;
   constexpr bool kQuantized = std::is_same_v<CacheT, int8_t>;
   static_assert(kQuantized || std::is_same_v<CacheT, T>, "the cache holds the query's type or int8");
-  constexpr int kVecsPerRow = HeadDim / kVec;
   constexpr int kCacheVec = 16 / sizeof(CacheT);  // cache elements per 16-byte load
   constexpr int kCacheVecsPerRow = HeadDim / kCacheVec;
   static_assert(HeadDim % kCacheVec == 0, "a cache row is a whole number of 16-byte vectors");
-  static_assert(HeadDim % (2 * kVec) == 0, "two threads score a token, each an equal number of 16-byte vectors");
+  static_assert(HeadDim % (2 * score_read_elems<CacheT, HeadDim>()) == 0,
+                "two threads score a token, each an equal number of shared-memory reads");
   static_assert(kThreads == 2 * kTileTokens && kTileTokens == 64, "the score and softmax steps assume this shape");
   extern __shared__ __align__(16) unsigned char shared_raw[];
   Tiles& s = *reinterpret_cast<Tiles*>(shared_raw);
@@ -141,10 +160,12 @@ __global__ void __launch_bounds__(kThreads)
   // this tile is scored and accumulated, so each CTA keeps a tile of loads in flight instead of
   // alternating between waiting on memory and computing (which left HBM at ~75 % of copy bandwidth
   // with an fp16 cache and far lower with the half-size int8 tiles).
-  constexpr int kTileVecs = kTileTokens * kCacheVecsPerRow;
+  constexpr int kLoadTokens = Tiles::kTokens;
+  constexpr int kTileVecs = kLoadTokens * kCacheVecsPerRow;
   constexpr int kLoads = (kTileVecs + kThreads - 1) / kThreads;  // 16-byte vectors per thread and tensor
+  static_assert(!kQuantized || kLoadTokens == kThreads, "each thread fetches one token's two scales");
   uint4 k_next[kLoads], v_next[kLoads];
-  float scale_next = 0.0f;
+  float key_scale_next = 0.0f, value_scale_next = 0.0f;
   const auto fetch = [&](int tile) {
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -160,78 +181,84 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if constexpr (kQuantized) {
-      // Threads 0..63 fetch the tile's key scales, 64..127 its value scales.
-      const int token = tile + tid % kTileTokens;
-      scale_next = 0.0f;
+      const int token = tile + tid;
+      key_scale_next = value_scale_next = 0.0f;
       if (token < end) {
         const int64_t slot = int64_t(table[token / block_size]) * block_size + token % block_size;
-        scale_next = (tid < kTileTokens ? key_scales : value_scales)[slot * num_heads + head];
+        key_scale_next = key_scales[slot * num_heads + head];
+        value_scale_next = value_scales[slot * num_heads + head];
       }
     }
   };
   if (begin < end) fetch(begin);
 
-  for (int tile = begin; tile < end; tile += kTileTokens) {
+  for (int tile = begin; tile < end; tile += kLoadTokens) {
     __syncthreads();  // the previous tile's readers are done
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int v = tid + i * kThreads;
       if (v >= kTileVecs) break;
       const int t = v / kCacheVecsPerRow, part = v % kCacheVecsPerRow;
-      T* k_row = &s.keys[t * Tiles::kRow + part * kCacheVec];
-      T* v_row = &s.values[t * Tiles::kRow + part * kCacheVec];
-      if constexpr (kQuantized) {
-        store_widened<T>(k_row, k_next[i]);
-        store_widened<T>(v_row, v_next[i]);
-      } else {
-        *reinterpret_cast<uint4*>(k_row) = k_next[i];
-        *reinterpret_cast<uint4*>(v_row) = v_next[i];
-      }
+      *reinterpret_cast<uint4*>(&s.keys[t * Tiles::kRow + part * kCacheVec]) = k_next[i];
+      *reinterpret_cast<uint4*>(&s.values[t * Tiles::kRow + part * kCacheVec]) = v_next[i];
     }
-    if constexpr (kQuantized) (tid < kTileTokens ? s.key_scale : s.value_scale)[tid % kTileTokens] = scale_next;
+    if constexpr (kQuantized) {
+      s.key_scale[tid] = key_scale_next;
+      s.value_scale[tid] = value_scale_next;
+    }
     __syncthreads();
-    if (tile + kTileTokens < end) fetch(tile + kTileTokens);
+    if (tile + kLoadTokens < end) fetch(tile + kLoadTokens);
 
-    // Scores: two threads per token, each half of the head dimension, combined by one shuffle.
-    {
-      const int t = tid / 2, half = tid % 2;
-      constexpr int kHalfVecs = kVecsPerRow / 2;
-      float dot = 0.0f;
+#pragma unroll 1
+    for (int sub = 0; sub < Tiles::kSubTiles; ++sub) {
+      // Compute tile `sub`: shared-memory rows base.., tokens first... (the same for every thread).
+      const int base = sub * kTileTokens, first = tile + base;
+      if (first >= end) break;
+
+      // Scores: two threads per token, each half of the head dimension, combined by one shuffle.
+      {
+        const int t = tid / 2, half = tid % 2;
+        constexpr int kElems = score_read_elems<CacheT, HeadDim>();
+        using Raw = typename RawVector<kElems * sizeof(CacheT)>::type;
+        constexpr int kHalfReads = HeadDim / kElems / 2;
+        float dot = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kHalfVecs; ++i) {
-        const int d0 = (half * kHalfVecs + i) * kVec;
-        const uint4 raw = *reinterpret_cast<const uint4*>(&s.keys[t * Tiles::kRow + d0]);
-        const T* k = reinterpret_cast<const T*>(&raw);
+        for (int i = 0; i < kHalfReads; ++i) {
+          const int d0 = (half * kHalfReads + i) * kElems;
+          const Raw raw = *reinterpret_cast<const Raw*>(&s.keys[(base + t) * Tiles::kRow + d0]);
+          const CacheT* k = reinterpret_cast<const CacheT*>(&raw);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) dot += s.query[d0 + j] * static_cast<float>(k[j]);
+          for (int j = 0; j < kElems; ++j) dot += s.query[d0 + j] * static_cast<float>(k[j]);
+        }
+        dot += __shfl_xor_sync(0xffffffff, dot, 1);
+        if constexpr (kQuantized) dot *= s.key_scale[base + t];
+        if (half == 0) s.logits[t] = (first + t < end) ? dot : -FLT_MAX;
       }
-      dot += __shfl_xor_sync(0xffffffff, dot, 1);
-      if constexpr (kQuantized) dot *= s.key_scale[t];
-      if (half == 0) s.logits[t] = (tile + t < end) ? dot : -FLT_MAX;
-    }
-    __syncthreads();
+      __syncthreads();
 
-    // Every warp computes the tile maximum itself (no extra barrier); all threads keep the same m and l.
-    const float tile_max = warp_max(fmaxf(s.logits[lane], s.logits[lane + 32]));
-    const float new_m = fmaxf(m, tile_max);
-    if (tid < kTileTokens) s.probs[tid] = (tile + tid < end) ? __expf(s.logits[tid] - new_m) : 0.0f;
-    __syncthreads();
-    const float tile_sum = warp_sum(s.probs[lane] + s.probs[lane + 32]);
-    const float correction = __expf(m - new_m);
-    l = l * correction + tile_sum;
-    m = new_m;
+      // Every warp computes the tile maximum itself (no extra barrier); all threads keep the same m and l.
+      const float tile_max = warp_max(fmaxf(s.logits[lane], s.logits[lane + 32]));
+      const float new_m = fmaxf(m, tile_max);
+      if (tid < kTileTokens) s.probs[tid] = (first + tid < end) ? __expf(s.logits[tid] - new_m) : 0.0f;
+      __syncthreads();
+      const float tile_sum = warp_sum(s.probs[lane] + s.probs[lane + 32]);
+      const float correction = __expf(m - new_m);
+      l = l * correction + tile_sum;
+      m = new_m;
 
-    if (group < Tiles::kGroups) {
-      acc.x *= correction;
-      acc.y *= correction;
-      const int tokens = min(kTileTokens, end - tile);
-      for (int t = group; t < tokens; t += Tiles::kGroups) {
-        const float p = kQuantized ? s.probs[t] * s.value_scale[t] : s.probs[t];
-        const float2 v = to_float2(s.values[t * Tiles::kRow + 2 * pair], s.values[t * Tiles::kRow + 2 * pair + 1]);
-        acc.x += p * v.x;
-        acc.y += p * v.y;
+      if (group < Tiles::kGroups) {
+        acc.x *= correction;
+        acc.y *= correction;
+        const int tokens = min(kTileTokens, end - first);
+#pragma unroll 4
+        for (int t = group; t < tokens; t += Tiles::kGroups) {
+          const float p = kQuantized ? s.probs[t] * s.value_scale[base + t] : s.probs[t];
+          const float2 v = load_pair(&s.values[(base + t) * Tiles::kRow + 2 * pair]);
+          acc.x += p * v.x;
+          acc.y += p * v.y;
+        }
       }
-    }
+    }  // compute tiles
   }
 
   // Merge the groups' accumulators.
@@ -287,11 +314,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int choose_partition_tokens(int rows, int device) {
+// A power of two from load_tokens to kMaxPartitionTokens.
+int choose_partition_tokens(int rows, int device, int load_tokens) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   int tokens = kMaxPartitionTokens;
-  while (tokens > kTileTokens && int64_t(rows) * (kMaxPartitionTokens / tokens) < int64_t(kCtasPerSm) * sms)
+  while (tokens > load_tokens && int64_t(rows) * (kMaxPartitionTokens / tokens) < int64_t(kCtasPerSm) * sms)
     tokens /= 2;
   return tokens;
 }
@@ -305,7 +333,8 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   const int max_blocks = block_tables.size(1);
   const int64_t max_tokens = int64_t(max_blocks) * block_size;
   const int device = c10::cuda::current_device();
-  const int partition_tokens = choose_partition_tokens(batch * num_heads, device);
+  using Tiles = SharedTiles<CacheT, HeadDim>;
+  const int partition_tokens = choose_partition_tokens(batch * num_heads, device, Tiles::kTokens);
   const int num_partitions = static_cast<int>((max_tokens + partition_tokens - 1) / partition_tokens);
   const auto float_options = query.options().dtype(torch::kFloat);
   torch::Tensor partial_out, partial_max, partial_sum;
@@ -314,7 +343,6 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
     partial_max = torch::empty({batch, num_heads, num_partitions}, float_options);
     partial_sum = torch::empty({batch, num_heads, num_partitions}, float_options);
   }
-  using Tiles = SharedTiles<T, HeadDim>;
   const size_t shared = sizeof(Tiles);
   auto kernel = paged_attention_decode_kernel<T, CacheT, HeadDim>;
   // The dynamic shared-memory limit (48 KB unless raised; head_dim 256 needs ~69 KB) belongs to the
