@@ -42,8 +42,11 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 257, 16))
 GRAPH_PIECE_LAYERS = 8
 
 
-def layer_pieces(num_layers: int, piece_layers: int = GRAPH_PIECE_LAYERS) -> list[range]:
-    """The decoder's layers split for piecewise graph capture: [0, 1), then runs of piece_layers."""
+def layer_pieces(num_layers: int, piece_layers: int | None = GRAPH_PIECE_LAYERS) -> list[range]:
+    """The decoder's layers split for piecewise graph capture: [0, 1), then runs of piece_layers (None: one
+    piece of every layer, a graph per step)."""
+    if piece_layers is None:
+        return [range(num_layers)]
     pieces = [range(0, min(1, num_layers))]
     pieces += [range(start, min(start + piece_layers, num_layers)) for start in range(1, num_layers, piece_layers)]
     return pieces
@@ -156,7 +159,8 @@ class _DecodeGraphs:
     their results are never read.
     """
 
-    def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device,
+                 piece_layers: int | None = GRAPH_PIECE_LAYERS) -> None:  # fmt: skip
         self.model = model
         self.device = device
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
@@ -168,7 +172,7 @@ class _DecodeGraphs:
         self.slots = torch.full((largest,), -1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros((largest, max_blocks), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.pieces = layer_pieces(len(model.decoder.layers))
+        self.pieces = layer_pieces(len(model.decoder.layers), piece_layers)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.piece_outputs: dict[int, list[torch.Tensor]] = {}
 

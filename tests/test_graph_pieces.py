@@ -18,3 +18,7 @@ def test_pieces_cover_every_layer_once_in_order(num_layers: int, piece_layers: i
 
 def test_an_opt_30b_step_is_a_few_pieces() -> None:
     assert [len(piece) for piece in layer_pieces(48, 8)] == [1, 8, 8, 8, 8, 8, 7]
+
+
+def test_no_piece_size_is_one_graph_per_step() -> None:
+    assert layer_pieces(40, None) == [range(40)]
