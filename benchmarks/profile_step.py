@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.latency import BLOCK_SIZE, Settings, _step, architecture, build_model, kv_cache_dtype
 from engine.config import CacheConfig, SchedulerConfig
-from engine.model_runner import ModelRunner, _DecodeGraphs, determine_num_blocks, profile_activation_bytes
+from engine.model_runner import ModelRunner, determine_num_blocks, profile_activation_bytes
 from engine.sampling import SamplingParams, SamplingRow, sample
 
 
@@ -84,8 +84,6 @@ def main() -> None:
     parser.add_argument("--trace", help="write the profiled decode steps as a Chrome trace to this file")
     parser.add_argument("--breakdown", action="store_true", help="host-timed parts of a decode step: flattening, "
                         "the forward alone, with the logits, with sampling")  # fmt: skip
-    parser.add_argument("--piece-layers", default="", help="comma-separated layers per decode-graph piece to time "
-                        "the forward with (0: one graph per step), e.g. 0,4,8,16")  # fmt: skip
     parser.add_argument("--sample", action="store_true", help="include greedy sampling of the step's logits, "
                         "as a server's step does")  # fmt: skip
     args = parser.parse_args()
@@ -124,14 +122,6 @@ def main() -> None:
         }
         for name, fn in parts.items():
             print(f"  {name:<18} {host_ms(fn, args.steps):8.3f} ms (host-timed, synchronized)")
-    if args.piece_layers and runner.graphs is not None:
-        batch = runner._flatten(decode, sequences)
-        for value in (int(v) for v in args.piece_layers.split(",")):
-            runner.graphs = _DecodeGraphs(model, args.batch, runner.graphs.block_tables.shape[1], device, value or None)
-            runner.graphs.capture()
-            pieces = len(runner.graphs.pieces)
-            print(f"  forward, {value or 'all'} layers a piece ({pieces} graphs) "
-                  f"{host_ms(lambda: runner.graphs.run(batch), args.steps):8.3f} ms")  # fmt: skip
     print(kernel_table(run_decode, args.steps, args.rows, args.trace))
     if args.prefill:
         prefill, prefill_seqs = _step([(0, args.prefill)])

@@ -10,11 +10,8 @@ plain lists) to `publish`, which sends it to the other ranks; every rank then ru
 (`run`) on its share of the model, and rank 0 samples.
 
 On a GPU, decode-only steps replay CUDA graphs captured once per batch-size bucket: a decode step of a
-large model launches hundreds of small kernels, and replaying them as graphs removes the CPU launch
-cost that otherwise dominates at small batch sizes. Each bucket's step is captured in pieces of
-consecutive layers (`layer_pieces`): launching a graph costs the host about a microsecond per kernel, and
-the GPU starts a graph only once it is launched, so one graph of a whole step (~700 kernels for OPT-30B)
-would leave the GPU idle for ~1 ms per step; with pieces, the GPU runs one while the host launches the next.
+large model launches hundreds of small kernels, and replaying them as one graph removes the CPU launch
+cost that otherwise dominates at small batch sizes.
 """
 
 from __future__ import annotations
@@ -38,18 +35,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_BLOCKS = 512
 # Decode batch sizes captured as CUDA graphs; a batch runs in the smallest bucket that holds it.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, *range(16, 257, 16))
-# Layers per decode-graph piece after the first (which is one layer, so the GPU waits only for its launch).
-GRAPH_PIECE_LAYERS = 8
-
-
-def layer_pieces(num_layers: int, piece_layers: int | None = GRAPH_PIECE_LAYERS) -> list[range]:
-    """The decoder's layers split for piecewise graph capture: [0, 1), then runs of piece_layers (None: one
-    piece of every layer, a graph per step)."""
-    if piece_layers is None:
-        return [range(num_layers)]
-    pieces = [range(0, min(1, num_layers))]
-    pieces += [range(start, min(start + piece_layers, num_layers)) for start in range(1, num_layers, piece_layers)]
-    return pieces
 
 
 @dataclass(frozen=True)
@@ -152,15 +137,13 @@ def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
 
 
 class _DecodeGraphs:
-    """CUDA graphs of the decode step, one list of pieces per batch bucket, sharing static input buffers and
-    one memory pool. Piece i reads piece i-1's output tensor, which stays allocated for the replays.
+    """CUDA graphs of the decode step, one per batch bucket, sharing static input buffers and one memory pool.
 
     Padding rows (bucket size > batch) have slot -1 (no KV write) and length 0 (zero attention output);
     their results are never read.
     """
 
-    def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device,
-                 piece_layers: int | None = GRAPH_PIECE_LAYERS) -> None:  # fmt: skip
+    def __init__(self, model: OPTForCausalLM, max_batch: int, max_blocks: int, device: torch.device) -> None:
         self.model = model
         self.device = device
         self.sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
@@ -172,9 +155,8 @@ class _DecodeGraphs:
         self.slots = torch.full((largest,), -1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros((largest, max_blocks), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.pieces = layer_pieces(len(model.decoder.layers), piece_layers)
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.piece_outputs: dict[int, list[torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
 
     @property
     def max_batch(self) -> int:
@@ -199,34 +181,23 @@ class _DecodeGraphs:
         with torch.cuda.device(self.device):
             self._capture()
 
-    def _piece(self, index: int, x: torch.Tensor | None, size: int) -> torch.Tensor:
-        decoder, metadata = self.model.decoder, self._metadata(size)
-        if index == 0:
-            x = decoder.embed(self.input_ids[:size], self.positions[:size])
-        for layer in self.pieces[index]:
-            x = decoder.layers[layer](x, metadata)
-        return decoder.finish(x) if index == len(self.pieces) - 1 else x
-
     def _capture(self) -> None:
         start = time.perf_counter()
         pool = None
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            self.model(self.input_ids[:size], self.positions[:size], self._metadata(size))  # warm-up: lazy
-            torch.cuda.synchronize()  # initialisation must not happen inside a capture
-            graphs, outputs, x = [], [], None
-            for index in range(len(self.pieces)):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    x = self._piece(index, x, size)
-                pool = graph.pool()
-                graphs.append(graph)
-                outputs.append(x)
-            self.graphs[size], self.piece_outputs[size] = graphs, outputs
+            args = (self.input_ids[:size], self.positions[:size], self._metadata(size))
+            self.model(*args)  # warm-up: lazy initialisation must not happen inside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
         torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for %d batch sizes (1..%d, %d pieces each) in %.1f s, %.2f GiB",
-                    len(self.graphs), self.max_batch, len(self.pieces), time.perf_counter() - start,
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.2f GiB",
+                    len(self.graphs), self.max_batch, time.perf_counter() - start,
                     (torch.cuda.memory_reserved() - before) / 2**30)  # fmt: skip
 
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -249,9 +220,8 @@ class _DecodeGraphs:
         tables = _padded_tables(batch.block_tables)  # one conversion, not one per row: this is per step
         padded[:count, : tables.shape[1]] = tables
         self.block_tables[:size].copy_(padded, non_blocking=True)
-        for graph in self.graphs[size]:
-            graph.replay()
-        return self.piece_outputs[size][-1][:count]
+        self.graphs[size].replay()
+        return self.outputs[size][:count]
 
 
 class ModelRunner:

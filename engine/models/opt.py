@@ -160,20 +160,12 @@ class OPTDecoder(nn.Module):
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine) if arch.has_final_layer_norm else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        x = self.embed(input_ids, positions)
-        for layer in self.layers:
-            x = layer(x, metadata)
-        return self.finish(x)
-
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token ids and positions [T] -> the first layer's input [T, hidden]."""
         x = self.embed_tokens(input_ids)  # [T, embed_dim]
         if self.project_in is not None:
             x = self.project_in(x)  # [T, hidden]
-        return x + self.embed_positions(positions + POSITION_OFFSET)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The last layer's output -> the final hidden states [T, word_embed_proj_dim]."""
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            x = layer(x, metadata)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
