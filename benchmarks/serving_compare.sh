@@ -48,7 +48,7 @@ for variant in $VARIANTS; do
         spy_pid=$!
     fi
     "${SMOOTHSERVE[@]}" bench --url "http://127.0.0.1:$PORT" --dataset random --input-len 512 --output-len 128 \
-        --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --out "$OUT/serving-$variant"
+        --request-rate "$RATES" --num-prompts "$NUM_PROMPTS" --server-metrics --out "$OUT/serving-$variant"
     if [ -n "$spy_pid" ]; then kill -INT "$spy_pid"; wait "$spy_pid" || true; fi
     # Where the engine's steps spent their time under that load (serving_report reads it).
     curl -sf "http://127.0.0.1:$PORT/metrics" > "$OUT/serving-$variant/metrics.txt" || true

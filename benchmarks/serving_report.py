@@ -7,9 +7,11 @@ Targets: W8A8 output tokens/s at saturation (the best rate) >= 1.6 x FP16's; at 
 FP16 sustains (every request completed and its throughput within 10 % of the offered rate, or the inf
 rate), W8A8's p99 TTFT and p99 inter-token latency <= FP16's. Each W8A8 server is judged on its own.
 
-Where a server's /metrics was saved after its load (metrics.txt beside bench.json), the report adds where
-its engine steps spent their time: steps by kind (CUDA-graph decode or eager) and the mean host time per
-step of each phase (`smoothserve_engine_step_phase_seconds`).
+Where a server's /metrics was saved, the report adds where its engine steps spent their time: steps by kind
+(CUDA-graph decode or eager) and the mean host time per step of each phase
+(`smoothserve_engine_step_phase_seconds`). With `bench --server-metrics` (metrics-RATE-before.txt and
+-after.txt beside bench.json) that is the highest rate's load alone; otherwise metrics.txt, scraped after
+all loads, gives the whole run.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def load(path: Path) -> dict:
     return json.loads((path / "bench.json").read_text())
 
 
-def step_profile(metrics_text: str) -> dict:
-    """Steps by kind, tokens per step and mean ms per step of each phase, from a /metrics scrape."""
+def _step_totals(metrics_text: str) -> tuple[dict[str, float], dict[str, float], float]:
+    """The engine's cumulative step counters in a /metrics scrape: steps by kind, seconds by phase, tokens."""
     steps: dict[str, float] = {}
     phase_sums: dict[str, float] = {}
     tokens = 0.0
@@ -47,6 +49,18 @@ def step_profile(metrics_text: str) -> dict:
                 phase_sums[sample.labels["phase"]] = sample.value
             elif sample.name == "smoothserve_engine_step_tokens_total":
                 tokens = sample.value
+    return steps, phase_sums, tokens
+
+
+def step_profile(metrics_text: str, before_text: str | None = None) -> dict:
+    """Steps by kind, tokens per step and mean ms per step of each phase, from a /metrics scrape (minus an
+    earlier scrape of the same server, for what happened between the two)."""
+    steps, phase_sums, tokens = _step_totals(metrics_text)
+    if before_text is not None:
+        steps_0, phase_sums_0, tokens_0 = _step_totals(before_text)
+        steps = {kind: value - steps_0.get(kind, 0.0) for kind, value in steps.items()}
+        phase_sums = {phase: value - phase_sums_0.get(phase, 0.0) for phase, value in phase_sums.items()}
+        tokens -= tokens_0
     total = sum(steps.values())
     return {"steps": steps, "tokens_per_step": tokens / total if total else None, "engine_s": sum(phase_sums.values()),
             "phase_ms_per_step": {phase: 1e3 * value / total if total else None
@@ -126,7 +140,8 @@ def to_markdown(report: dict) -> str:
     if report.get("engine_steps"):
         phases = StepTiming.PHASES
         header = " | ".join(f"{p} ms" for p in phases)
-        lines += ["", "Engine steps over the whole run (host time per step; `sample` includes waiting for the GPU):",
+        scope = report.get("engine_steps_scope", "over the whole run")
+        lines += ["", f"Engine steps {scope} (host time per step; `sample` includes waiting for the GPU):",
                   "", f"| server | decode-graph steps | eager steps | tokens/step | {header} | engine busy |",
                   "|---|---|---|---|" + "---|" * (len(phases) + 1)]  # fmt: skip
         for name, profile in report["engine_steps"].items():
@@ -159,19 +174,28 @@ def main(argv: list[str] | None = None) -> dict:
               "workload": f"input {config.get('input_len')} tokens, output {config.get('output_len')}, "
                           f"{config.get('num_prompts')} requests per rate, {config.get('arrivals')} arrivals",
               **compare(fp16, w8a8, extra)}  # fmt: skip
-    profiles = {}
+    profiles, scopes = {}, set()
     for name, directory in directories.items():
         run = runs[name]
-        if not (directory / "metrics.txt").exists():
+        top = max(run["loads"], key=lambda load: _rate(load["request_rate"]))
+        label = "inf" if math.isinf(_rate(top["request_rate"])) else f"{_rate(top['request_rate']):g}"
+        before, after = directory / f"metrics-{label}-before.txt", directory / f"metrics-{label}-after.txt"
+        if before.exists() and after.exists():
+            profile = profiles[name] = step_profile(after.read_text(), before.read_text())
+            run_s = top.get("duration_s", 0.0)
+            scopes.add(f"at rate {label}")
+        elif (directory / "metrics.txt").exists():
+            profile = profiles[name] = step_profile((directory / "metrics.txt").read_text())
+            run_s = sum(load.get("duration_s", 0.0) for load in run["loads"])  # warm-up requests count too
+            scopes.add("over the whole run")
+        else:
             continue
-        profile = profiles[name] = step_profile((directory / "metrics.txt").read_text())
-        # The share of the loads' wall time the engine spent inside its steps (warm-up requests count
-        # too, so it reads a little high): far below 100 % at saturation means the steps wait on
-        # something else, such as the server's event loop.
-        run_s = sum(load.get("duration_s", 0.0) for load in run["loads"])
+        # The share of the load's wall time the engine spent inside its steps: far below 100 % at
+        # saturation means the steps wait on something else, such as the server's event loop.
         profile["busy_fraction"] = profile["engine_s"] / run_s if run_s else None
     if profiles:
         report["engine_steps"] = profiles
+        report["engine_steps_scope"] = " / ".join(sorted(scopes))
     markdown = to_markdown(report)
     write_report(args.out, "serving", report, markdown)
     print(markdown)

@@ -84,7 +84,8 @@ def bench_run(server, tmp_path_factory):
     with contextlib.redirect_stdout(stdout):
         code = main(["bench", "--url", server.url, "--api-key", API_KEY, "--input-len", str(INPUT_LEN),
                      "--output-len", str(OUTPUT_LEN), "--num-prompts", str(NUM_PROMPTS), "--num-warmups", "1",
-                     "--request-rate", "40,inf", "--slo-ttft-ms", "60000", "--out", str(out)])  # fmt: skip
+                     "--request-rate", "40,inf", "--slo-ttft-ms", "60000", "--server-metrics",
+                     "--out", str(out)])  # fmt: skip
     assert code == 0
     return out, stdout.getvalue(), json.loads((out / "bench.json").read_text())
 
@@ -101,6 +102,21 @@ def test_bench_sends_every_request_and_none_fails(bench_run) -> None:
             assert len(request["itl"]) == OUTPUT_LEN - 1  # one streamed chunk per token
             assert 0 < request["ttft"] <= request["e2e"]
     assert f"{NUM_PROMPTS} sent, {NUM_PROMPTS} completed, 0 failed" in stdout
+
+
+def test_server_metrics_around_each_load_count_that_load_alone(bench_run) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def generated(path) -> float:
+        families = text_string_to_metric_families(path.read_text())
+        return sum(s.value for f in families for s in f.samples if s.name == "smoothserve_generation_tokens_total")
+
+    out, _, _ = bench_run
+    for rate in ("40", "inf"):
+        before, after = out / f"metrics-{rate}-before.txt", out / f"metrics-{rate}-after.txt"
+        assert generated(after) - generated(before) == NUM_PROMPTS * OUTPUT_LEN, rate
+    # The second load's "before" follows the first load's "after": nothing ran in between.
+    assert generated(out / "metrics-inf-before.txt") == generated(out / "metrics-40-after.txt")
 
 
 def test_bench_percentiles_are_monotone(bench_run) -> None:

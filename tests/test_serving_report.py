@@ -88,6 +88,36 @@ def test_step_profile_reads_a_servers_metrics(tmp_path) -> None:
     assert "| w8a8 | 3 | 1 | 156.0 | 1.00 | 9.00 | 11.50 | 1.25 | 45.5 % |" in markdown
 
 
+def test_per_rate_scrapes_profile_the_highest_rate_alone(tmp_path) -> None:
+    from engine.llm_engine import StepTiming
+    from engine.scheduler import SchedulerStats
+    from server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    stats = SchedulerStats(0, 0, 0.0, 0, 0, 0)
+    for _ in range(5):  # the rate-2 load: slow eager steps
+        metrics.update_engine(stats, (), StepTiming("eager", 100, 0.001, 0.050, 0.050, 0.001))
+    before = metrics.render().decode()
+    for _ in range(4):  # the rate-inf load: decode steps of 4 ms
+        metrics.update_engine(stats, (), StepTiming("decode_graph", 64, 0.0, 0.001, 0.003, 0.0))
+    after = metrics.render().decode()
+    for name, rate in (("fp16", 6.0), ("w8a8", 9.0)):
+        run = _run([_summary(2, 1.9, 250, 100, 30), {**_summary(math.inf, rate, 1000, 900, 60), "duration_s": 0.032}])
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps(run))
+        (tmp_path / name / "metrics-inf-before.txt").write_text(before)
+        (tmp_path / name / "metrics-inf-after.txt").write_text(after)
+        (tmp_path / name / "metrics.txt").write_text(after)  # the whole run: not what is reported
+    written = serving_report.main(["--fp16", str(tmp_path / "fp16"), "--w8a8", str(tmp_path / "w8a8"),
+                                   "--device-name", "NVIDIA H100 80GB HBM3", "--out", str(tmp_path)])  # fmt: skip
+    profile = written["engine_steps"]["w8a8"]
+    assert profile["steps"] == {"decode_graph": 4, "eager": 0}
+    assert math.isclose(profile["tokens_per_step"], 64)
+    assert math.isclose(profile["phase_ms_per_step"]["sample"], 3.0)
+    assert math.isclose(profile["busy_fraction"], 0.016 / 0.032)  # 4 steps of 4 ms in a 32 ms load
+    assert "Engine steps at rate inf" in (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+
+
 def test_a_third_server_gets_its_own_targets() -> None:
     fp16 = _run([_summary(4, 3.9, 500, 150, 40), _summary(math.inf, 6.1, 780, 20000, 95)])
     w8a8 = _run([_summary(4, 3.95, 505, 160, 45), _summary(math.inf, 8.0, 1000, 9000, 50)])

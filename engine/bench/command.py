@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--out", help="directory for bench.json and the PNG plots")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    parser.add_argument("--server-metrics", action="store_true",
+                        help="save the server's Prometheus /metrics before and after each rate's load "
+                             "(metrics-RATE-before.txt, metrics-RATE-after.txt in --out)")  # fmt: skip
 
 
 def _config(args: argparse.Namespace):
@@ -58,6 +61,7 @@ def _config(args: argparse.Namespace):
         output_len=args.output_len, request_rates=rates, arrivals=args.arrivals, max_concurrency=args.max_concurrency,
         num_warmups=args.num_warmups, seed=args.seed, slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms),
         model=args.model, api_key=args.api_key or os.environ.get("SMOOTHSERVE_API_KEY"), timeout_s=args.timeout,
+        server_metrics=args.server_metrics,
     )  # fmt: skip
 
 
@@ -87,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         print(f"wrote {write_json(result, config, out)}")
+        for load in result.loads:
+            if load.metrics_before is not None and load.metrics_after is not None:
+                for when, text in (("before", load.metrics_before), ("after", load.metrics_after)):
+                    path = out / f"metrics-{rate_label(load.summary.request_rate)}-{when}.txt"
+                    path.write_text(text)
+                    print(f"wrote {path}")
         if args.no_plots:
             pass
         elif matplotlib_available():

@@ -36,12 +36,17 @@ class BenchConfig:
     model: str | None = None  # None: the one the server lists
     api_key: str | None = field(default=None, repr=False)
     timeout_s: float = 600.0
+    server_metrics: bool = False  # scrape the server's Prometheus /metrics before and after each load
 
 
 @dataclass(frozen=True)
 class LoadResult:
     summary: LoadSummary
     records: list[RequestRecord]
+    # The server's /metrics text just before and just after this load (BenchConfig.server_metrics): counters
+    # that differ between the two belong to this load alone.
+    metrics_before: str | None = None
+    metrics_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,21 @@ async def _run_load(
         bar.update()
         return record
 
+    before = await _scrape_metrics(client, config) if config.server_metrics else None
     records = list(await asyncio.gather(*(one(p, at) for p, at in zip(prompts, send_at, strict=True))))
     duration = time.perf_counter() - started
+    after = await _scrape_metrics(client, config) if config.server_metrics else None
     bar.close()
-    return LoadResult(summarize(records, rate, duration, config.slo), records)
+    return LoadResult(summarize(records, rate, duration, config.slo), records, before, after)
+
+
+async def _scrape_metrics(client: httpx.AsyncClient, config: BenchConfig) -> str:
+    try:
+        response = await client.get(f"{config.url}/metrics", headers=_headers(config))
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise BenchmarkError(f"--server-metrics: cannot read {config.url}/metrics ({type(error).__name__})") from None
+    return response.text
 
 
 async def _run_all(config: BenchConfig, model: str, prompts: list[list[int]], progress: bool) -> list[LoadResult]:
