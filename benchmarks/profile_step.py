@@ -101,11 +101,12 @@ def main() -> None:
                          max_num_seqs=args.batch, enforce_eager=args.eager)  # fmt: skip
     decode, sequences = _step([(args.context, 1)] * args.batch)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    rows = [SamplingRow(greedy, [], [], None, None) for _ in range(args.batch)]  # every sequence samples
 
     def run_decode():
         output = runner.execute(decode, sequences)
         if args.sample:
-            sample(output.logits, [SamplingRow(greedy, [], [], None, None) for _ in output.seq_ids])
+            sample(output.logits, rows)
 
     print(f"== {args.model} {args.variant} decode batch {args.batch} context {args.context}: "
           f"{wall_ms(run_decode, args.steps):.3f} ms/step wall")  # fmt: skip
@@ -116,9 +117,7 @@ def main() -> None:
             "forward": (lambda: runner.graphs.run(batch)) if runner.graphs else (lambda: runner.run(batch)),
             "forward + logits": lambda: runner.run(batch),
             "execute": lambda: runner.execute(decode, sequences),
-            "execute + sample": lambda: sample(
-                runner.execute(decode, sequences).logits, [SamplingRow(greedy, [], [], None, None)] * args.batch
-            ),
+            "execute + sample": lambda: sample(runner.execute(decode, sequences).logits, rows),
         }
         for name, fn in parts.items():
             print(f"  {name:<18} {host_ms(fn, args.steps):8.3f} ms (host-timed, synchronized)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import git_commit, targets_table, write_report
+from engine.bench.report import rate_label
 from engine.llm_engine import StepTiming
 
 THROUGHPUT_RATIO_TARGET = 1.6
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, directory in directories.items():
         run = runs[name]
         top = max(run["loads"], key=lambda load: _rate(load["request_rate"]))
-        label = "inf" if math.isinf(_rate(top["request_rate"])) else f"{_rate(top['request_rate']):g}"
+        label = rate_label(_rate(top["request_rate"]))
         before, after = directory / f"metrics-{label}-before.txt", directory / f"metrics-{label}-after.txt"
         if before.exists() and after.exists():
             profile = profiles[name] = step_profile(after.read_text(), before.read_text())

@@ -6,20 +6,19 @@
 //
 // An int8 cache holds round(x / s) with one float32 scale s per (slot, head) in key_scales/value_scales
 // [num_blocks, block_size, num_heads]. Its tiles stay int8 in shared memory (converted to float where they
-// are read: half the shared memory, so more CTAs per SM keep loads in flight) and the scales are applied
-// where they factor out: a key's to its score, a value's to its probability weight. Half the bytes of an
-// fp16 cache are read, and nothing else changes.
+// are read, with no widening pass) and the scales are applied where they factor out: a key's to its score,
+// a value's to its probability weight. Half the bytes of an fp16 cache are read, and nothing else changes.
 //
-// Work split (flash-decoding): one CTA per (head, sequence, partition of partition_tokens). A CTA walks
-// its partition in load tiles: stage K and V tiles in shared memory, then per compute tile of kTileTokens
-// score it, update an online softmax (running max m and sum l, shared by all threads), and accumulate p·V.
-// A load tile is one compute tile of an fp16/bf16 cache and two of an int8 cache: each load tile is one
-// latency-bound round trip to memory, so the half-size int8 rows move as many bytes per trip as fp16 rows. With one
-// partition the CTA writes the output; with several, each writes (normalized partial output, m, l) and
-// a second kernel merges them. The grid depends only on tensor shapes (never on lengths held on the
-// device), so a CUDA graph captured for a batch size replays for any lengths. For the same reason the
-// partition length is chosen from the shape: short partitions when few (head, sequence) rows would leave
-// SMs idle (batch 1 of OPT-30B is 56 rows on 132 SMs), long ones when rows are plentiful (fewer partials).
+// Work split (flash-decoding): one CTA per (head, sequence, partition of partition_tokens). A CTA walks its
+// partition in load tiles: stage K and V tiles in shared memory, then per compute tile of kTileTokens score it,
+// update an online softmax (running max m and sum l, shared by all threads), and accumulate p·V. A load tile is one
+// compute tile of an fp16/bf16 cache and two of an int8 cache: each load tile is one latency-bound round trip to
+// memory, so the half-size int8 rows move as many bytes per trip as fp16 rows (and fill as much shared memory). With
+// one partition the CTA writes the output; with several, each writes (normalized partial output, m, l) and a second
+// kernel merges them. The grid depends only on tensor shapes (never on lengths held on the device), so a CUDA graph
+// captured for a batch size replays for any lengths. For the same reason the partition length is chosen from the
+// shape: short partitions when few (head, sequence) rows would leave SMs idle (batch 1 of OPT-30B is 56 rows on 132
+// SMs), long ones when rows are plentiful (fewer partials).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAMacros.h>
@@ -361,8 +360,8 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
       reinterpret_cast<T*>(out.data_ptr()), ptr(partial_out), ptr(partial_max), ptr(partial_sum),
       reinterpret_cast<const T*>(query.data_ptr()), query.stride(0),
       reinterpret_cast<const CacheT*>(key_cache.data_ptr()), reinterpret_cast<const CacheT*>(value_cache.data_ptr()),
-      key_scales, value_scales, block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(), block_size, partition_tokens,
-      static_cast<float>(scale));
+      key_scales, value_scales, block_tables.data_ptr<int32_t>(), max_blocks, seq_lens.data_ptr<int32_t>(),
+      block_size, partition_tokens, static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_partitions > 1) {
     merge_partitions_kernel<T, HeadDim><<<dim3(num_heads, batch), kThreads, 0, stream>>>(

@@ -97,6 +97,8 @@ async def _run_load(
     url, headers = f"{config.url}/v1/completions", _headers(config)
     send_at = arrival_times(len(prompts), rate, config.arrivals, config.seed)
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+    # Scraped before the clock starts: the scrape must neither delay the first sends nor count in the duration.
+    before = await _scrape_metrics(client, config) if config.server_metrics else None
     bar = tqdm(total=len(prompts), desc=f"rate {rate:g}/s", unit="req", disable=not progress)
     started = time.perf_counter()
 
@@ -108,7 +110,6 @@ async def _run_load(
         bar.update()
         return record
 
-    before = await _scrape_metrics(client, config) if config.server_metrics else None
     records = list(await asyncio.gather(*(one(p, at) for p, at in zip(prompts, send_at, strict=True))))
     duration = time.perf_counter() - started
     after = await _scrape_metrics(client, config) if config.server_metrics else None
