@@ -104,19 +104,48 @@ def test_bench_sends_every_request_and_none_fails(bench_run) -> None:
     assert f"{NUM_PROMPTS} sent, {NUM_PROMPTS} completed, 0 failed" in stdout
 
 
-def test_server_metrics_around_each_load_count_that_load_alone(bench_run) -> None:
+def _counter(path, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    def generated(path) -> float:
-        families = text_string_to_metric_families(path.read_text())
-        return sum(s.value for f in families for s in f.samples if s.name == "smoothserve_generation_tokens_total")
+    families = text_string_to_metric_families(path.read_text())
+    return sum(s.value for f in families for s in f.samples if s.name == name)
 
+
+def test_server_metrics_around_each_load_count_that_load_alone(bench_run) -> None:
+    out, _, _ = bench_run
+    generated = "smoothserve_generation_tokens_total"
+    for rate in ("40", "inf"):
+        before, after = out / f"metrics-{rate}-before.txt", out / f"metrics-{rate}-after.txt"
+        assert _counter(after, generated) - _counter(before, generated) == NUM_PROMPTS * OUTPUT_LEN, rate
+    # The second load's "before" follows the first load's "after": nothing ran in between.
+    assert _counter(out / "metrics-inf-before.txt", generated) == _counter(out / "metrics-40-after.txt", generated)
+
+
+def test_each_load_sends_prompts_the_server_has_not_cached(bench_run) -> None:
+    """Had the second rate resent the first rate's (or the warm-up's) prompts, the server's prefix cache
+    would serve most of their prefill."""
     out, _, _ = bench_run
     for rate in ("40", "inf"):
         before, after = out / f"metrics-{rate}-before.txt", out / f"metrics-{rate}-after.txt"
-        assert generated(after) - generated(before) == NUM_PROMPTS * OUTPUT_LEN, rate
-    # The second load's "before" follows the first load's "after": nothing ran in between.
-    assert generated(out / "metrics-inf-before.txt") == generated(out / "metrics-40-after.txt")
+        queried = _counter(after, "smoothserve_prefix_cache_queries_total") - _counter(
+            before, "smoothserve_prefix_cache_queries_total")  # fmt: skip
+        hits = _counter(after, "smoothserve_prefix_cache_hits_total") - _counter(
+            before, "smoothserve_prefix_cache_hits_total")  # fmt: skip
+        assert queried >= NUM_PROMPTS * (INPUT_LEN - 1) and hits == 0, (rate, queried, hits)
+
+
+def test_send_and_completion_rates_ignore_the_ramp_and_the_tail() -> None:
+    # Sent at 0, 1, 2, 3 s; each takes 5 s: completions 1 per second, as sent, though the load lasts 8 s.
+    records = [RequestRecord(True, 10, 5, sent_at=t, ttft=1.0, e2e=5.0, itl=[0.1] * 4) for t in range(4)]
+    summary = summarize(records, request_rate=1.0, duration_s=8.0, slo=SLO())
+    assert summary.request_throughput == pytest.approx(0.5)
+    assert summary.send_rate == pytest.approx(1.0) and summary.completion_rate == pytest.approx(1.0)
+    # A server that falls behind: each request waits for the one before it (2 s of service each).
+    slow = [RequestRecord(True, 10, 5, sent_at=t, ttft=1.0, e2e=2.0 * (t + 1) - t, itl=[0.1] * 4) for t in range(4)]
+    summary = summarize(slow, request_rate=1.0, duration_s=8.0, slo=SLO())
+    assert summary.completion_rate == pytest.approx(0.5)
+    at_once = summarize([RequestRecord(True, 10, 5, e2e=1.0)] * 3, math.inf, 1.0, SLO())
+    assert at_once.send_rate is None and at_once.completion_rate is None  # all sent and done at once
 
 
 def test_bench_percentiles_are_monotone(bench_run) -> None:

@@ -46,6 +46,15 @@ def test_targets_use_the_highest_rate_fp16_sustains(tmp_path) -> None:
     assert "| 4 | w8a8 | 100 | 0 | 3.95 | 505 |" in (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
 
 
+def test_sustained_reads_the_send_and_completion_rates_where_the_bench_measured_them() -> None:
+    # 96 requests at 8/s: the whole load (ramp and tail) averaged 5.9/s, but requests completed as fast as
+    # they were sent.
+    kept_up = {**_summary(8, 5.9, 750, 100, 50), "send_rate": 7.8, "completion_rate": 7.6}
+    fell_behind = {**_summary(8, 5.9, 750, 100, 50), "send_rate": 7.8, "completion_rate": 6.2}
+    assert serving_report.sustained(kept_up) and not serving_report.sustained(fell_behind)
+    assert not serving_report.sustained(_summary(8, 5.9, 750, 100, 50))  # an older summary: 5.9 < 0.9 x 8
+
+
 def test_a_slower_w8a8_fails_and_failures_are_not_sustained() -> None:
     fp16 = _run([_summary(2, 1.95, 250, 100, 30), _summary(8, 7.9, 1000, 200, 40, failed=3)])
     w8a8 = _run([_summary(2, 1.96, 251, 120, 35), _summary(8, 7.95, 1010, 150, 30)])

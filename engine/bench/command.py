@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="the server's API key (also SMOOTHSERVE_API_KEY)")
     parser.add_argument("--dataset", default="random",
                         help="random (corpus windows of --input-len tokens), or a prompt file: text, one prompt "
-                             "per line, or .jsonl with a prompt or text field")  # fmt: skip
+                             "per line, or .jsonl with a prompt or text field. The warm-up and each rate send "
+                             "prompts of their own (a file is read on), so no rate finds another's in the "
+                             "server's prefix cache")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=100, help="requests per request rate (default 100)")
     parser.add_argument("--input-len", type=int, help="prompt tokens (default 512 for random; file: as written)")
     parser.add_argument("--output-len", type=int, default=128, help="generated tokens per request, ignoring EOS")

@@ -57,6 +57,12 @@ class LoadSummary:
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
     errors: dict[str, int] = field(default_factory=dict)  # failure message -> count
+    # Whether the server kept up, free of the load's ramp and tail (which `request_throughput` includes, so a
+    # short load at a rate the server sustains still reads below that rate): requests per second between the
+    # first and the last send, and completions per second between the first and the last completion. A server
+    # that keeps up completes at the rate it is sent to; one that cannot completes at its own pace.
+    send_rate: float | None = None  # None: fewer than 2 requests (or all sent at once)
+    completion_rate: float | None = None  # None: fewer than 2 completed
 
 
 def summarize(records: list[RequestRecord], request_rate: float, duration_s: float, slo: SLO) -> LoadSummary:
@@ -83,4 +89,13 @@ def summarize(records: list[RequestRecord], request_rate: float, duration_s: flo
         itl_ms=distribution_ms([gap for r in ok for gap in r.itl]),
         e2e_ms=distribution_ms([r.e2e for r in ok if r.e2e is not None]),
         errors=errors,
+        send_rate=_rate([r.sent_at for r in records]),
+        completion_rate=_rate([r.sent_at + r.e2e for r in ok if r.e2e is not None]),
     )
+
+
+def _rate(times: list[float]) -> float | None:
+    """Events per second between the first and the last of `times` (None: fewer than 2, or all at once)."""
+    if len(times) < 2 or max(times) <= min(times):
+        return None
+    return (len(times) - 1) / (max(times) - min(times))

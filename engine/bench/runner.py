@@ -78,12 +78,27 @@ def _served_model(client: httpx.Client, config: BenchConfig) -> str:
     return models[0]
 
 
-def make_prompts(client: httpx.Client, config: BenchConfig) -> list[list[int]]:
+@dataclass(frozen=True)
+class Prompts:
+    """The warm-up's prompts and each load's own: a load never resends what the server has already seen,
+    whose blocks its prefix cache may still hold (a later rate would then skip most of its prefill)."""
+
+    warmup: list[list[int]]
+    loads: list[list[list[int]]]  # one list per request rate, in order
+
+
+def make_prompts(client: httpx.Client, config: BenchConfig) -> Prompts:
+    """`random`: fresh windows for the warm-up and for every load; a file: read on in order, wrapping
+    around only when the file has fewer prompts than the whole run sends."""
+    total = config.num_warmups + config.num_prompts * len(config.request_rates)
     if config.dataset == "random":
         if config.input_len is None:
             raise BenchmarkError("the random data set needs --input-len")
-        return random_prompts(client, config.num_prompts, config.input_len, config.seed)
-    return file_prompts(client, Path(config.dataset), config.num_prompts, config.input_len)
+        every = random_prompts(client, total, config.input_len, config.seed)
+    else:
+        every = file_prompts(client, Path(config.dataset), total, config.input_len)
+    warmup, rest, n = every[: config.num_warmups], every[config.num_warmups :], config.num_prompts
+    return Prompts(warmup, [rest[i * n : (i + 1) * n] for i in range(len(config.request_rates))])
 
 
 def _payload(config: BenchConfig, model: str, prompt: list[int]) -> dict:
@@ -126,15 +141,18 @@ async def _scrape_metrics(client: httpx.AsyncClient, config: BenchConfig) -> str
     return response.text
 
 
-async def _run_all(config: BenchConfig, model: str, prompts: list[list[int]], progress: bool) -> list[LoadResult]:
+async def _run_all(config: BenchConfig, model: str, prompts: Prompts, progress: bool) -> list[LoadResult]:
     limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
         url, headers = f"{config.url}/v1/completions", _headers(config)
-        for prompt in prompts[: config.num_warmups]:  # first compiles, allocations, caches: not measured
+        for prompt in prompts.warmup:  # first compiles, allocations, caches: not measured
             warm = await send_request(client, url, _payload(config, model, prompt), headers, sent_at=0.0)
             if not warm.ok:
                 raise BenchmarkError(f"the warm-up request failed: {warm.error}")
-        return [await _run_load(client, config, model, prompts, rate, progress) for rate in config.request_rates]
+        return [
+            await _run_load(client, config, model, load_prompts, rate, progress)
+            for load_prompts, rate in zip(prompts.loads, config.request_rates, strict=True)
+        ]
 
 
 def run_benchmark(config: BenchConfig, progress: bool = True) -> BenchResult:
