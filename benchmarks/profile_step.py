@@ -8,6 +8,7 @@ speed up, not a benchmark of record.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -86,7 +87,11 @@ def main() -> None:
                         "the forward alone, with the logits, with sampling")  # fmt: skip
     parser.add_argument("--sample", action="store_true", help="include greedy sampling of the step's logits, "
                         "as a server's step does")  # fmt: skip
+    parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch "
+                        "(SMOOTHSERVE_PDL=0), to time what it saves")  # fmt: skip
     args = parser.parse_args()
+    if args.no_pdl:
+        os.environ["SMOOTHSERVE_PDL"] = "0"  # read by the extension at its first launch, which comes later
     device = torch.device("cuda")
     settings = Settings(device, torch.float16, (max(args.prefill, 1),), (args.batch,), args.context, 1, 0.9)
     arch = architecture(args.model)
@@ -108,7 +113,8 @@ def main() -> None:
         if args.sample:
             sample(output.logits, rows)
 
-    print(f"== {args.model} {args.variant} decode batch {args.batch} context {args.context}: "
+    pdl = " (no PDL)" if args.no_pdl else ""
+    print(f"== {args.model} {args.variant}{pdl} decode batch {args.batch} context {args.context}: "
           f"{wall_ms(run_decode, args.steps):.3f} ms/step wall")  # fmt: skip
     if args.breakdown:
         batch = runner._flatten(decode, sequences)

@@ -22,6 +22,8 @@ __global__ void write_kv_cache_kernel(const uint4* __restrict__ key, const uint4
                                       int64_t key_stride_vecs, int64_t value_stride_vecs,
                                       uint4* __restrict__ key_cache, uint4* __restrict__ value_cache,
                                       const int64_t* __restrict__ slots, int row_vecs) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const int64_t slot = slots[blockIdx.x];
   if (slot < 0) return;
   const uint4* k = key + blockIdx.x * key_stride_vecs;
@@ -55,6 +57,8 @@ __global__ void write_kv_cache_int8_kernel(const T* __restrict__ key, const T* _
                                            int8_t* __restrict__ value_cache, float* __restrict__ key_scales,
                                            float* __restrict__ value_scales, const int64_t* __restrict__ slots,
                                            int num_heads, int head_dim) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const int64_t slot = slots[blockIdx.x];
   const int head = blockIdx.y * kHeadsPerCta + threadIdx.x / 32;
   if (slot < 0 || head >= num_heads) return;
@@ -84,7 +88,7 @@ void write_kv_cache(const torch::Tensor& key, const torch::Tensor& value, torch:
   if (key.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(key.device());
   const int64_t vec_elements = 16 / element;
-  write_kv_cache_kernel<<<key.size(0), kThreads, 0, current_stream()>>>(
+  launch_kernel(write_kv_cache_kernel, key.size(0), kThreads, 0, current_stream(),
       reinterpret_cast<const uint4*>(key.data_ptr()), reinterpret_cast<const uint4*>(value.data_ptr()),
       key.stride(0) / vec_elements, value.stride(0) / vec_elements, reinterpret_cast<uint4*>(key_cache.data_ptr()),
       reinterpret_cast<uint4*>(value_cache.data_ptr()), slots.data_ptr<int64_t>(),
@@ -106,7 +110,7 @@ void write_kv_cache_int8(const torch::Tensor& key, const torch::Tensor& value, t
   const int num_heads = key.size(1), head_dim = key.size(2);
   const dim3 grid(key.size(0), (num_heads + kHeadsPerCta - 1) / kHeadsPerCta);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_kv_cache_int8", [&] {
-    write_kv_cache_int8_kernel<scalar_t><<<grid, kThreads, 0, current_stream()>>>(
+    launch_kernel(write_kv_cache_int8_kernel<scalar_t>, grid, kThreads, 0, current_stream(),
         key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), key.stride(0), value.stride(0),
         key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>(), key_scales.data_ptr<float>(),
         value_scales.data_ptr<float>(), slots.data_ptr<int64_t>(), num_heads, head_dim);

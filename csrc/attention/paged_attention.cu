@@ -132,6 +132,8 @@ __global__ void __launch_bounds__(kThreads, HeadDim <= 128 ? 4 : 1)
   extern __shared__ __align__(16) unsigned char shared_raw[];
   Tiles& s = *reinterpret_cast<Tiles*>(shared_raw);
 
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const int head = blockIdx.x, seq = blockIdx.y, partition = blockIdx.z;
   const int num_heads = gridDim.x, num_partitions = gridDim.z;
   const int tid = threadIdx.x, lane = tid % 32;
@@ -292,6 +294,8 @@ __global__ void __launch_bounds__(kThreads)
                             const float* __restrict__ partial_max, const float* __restrict__ partial_sum,
                             int num_partitions, const int32_t* __restrict__ seq_lens, int64_t max_tokens,
                             int partition_tokens) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const int64_t row = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t seq_len = min(int64_t(seq_lens[blockIdx.y]), max_tokens);  // clamped as the decode kernel does
   const int used = static_cast<int>(min(int64_t(num_partitions), (max(seq_len, int64_t(0)) + partition_tokens - 1) /
@@ -356,7 +360,7 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
   const cudaStream_t stream = current_stream();
   const dim3 grid(num_heads, batch, num_partitions);
   auto ptr = [](const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-  kernel<<<grid, kThreads, shared, stream>>>(
+  launch_kernel(kernel, grid, kThreads, shared, stream,
       reinterpret_cast<T*>(out.data_ptr()), ptr(partial_out), ptr(partial_max), ptr(partial_sum),
       reinterpret_cast<const T*>(query.data_ptr()), query.stride(0),
       reinterpret_cast<const CacheT*>(key_cache.data_ptr()), reinterpret_cast<const CacheT*>(value_cache.data_ptr()),
@@ -364,7 +368,7 @@ void launch_decode(torch::Tensor& out, const torch::Tensor& query, const torch::
       block_size, partition_tokens, static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_partitions > 1) {
-    merge_partitions_kernel<T, HeadDim><<<dim3(num_heads, batch), kThreads, 0, stream>>>(
+    launch_kernel(merge_partitions_kernel<T, HeadDim>, dim3(num_heads, batch), kThreads, 0, stream,
         reinterpret_cast<T*>(out.data_ptr()), partial_out.data_ptr<float>(), partial_max.data_ptr<float>(),
         partial_sum.data_ptr<float>(), num_partitions, seq_lens.data_ptr<int32_t>(), max_tokens, partition_tokens);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

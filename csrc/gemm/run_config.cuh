@@ -8,6 +8,7 @@
 
 #include <cutlass/cutlass.h>
 
+#include "../cuda_utils.h"
 #include "w8a8_gemm_problem.h"
 
 namespace smoothserve {
@@ -18,7 +19,9 @@ size_t config_workspace_size(const GemmProblem& p) {
   return Config::Gemm::get_workspace_size(Config::arguments(p));
 }
 
-template <typename Config>
+// Programmatic: launch with PDL where enabled (cuda_utils.h); only for CUTLASS 3 (sm90) kernels built
+// with CUTLASS_ENABLE_GDC_FOR_SM90, which wait for the kernel before them ahead of any global access.
+template <typename Config, bool Programmatic = false>
 cutlass::Status run_config(const GemmProblem& p, void* workspace, cudaStream_t stream) {
   typename Config::Gemm gemm;
   const auto args = Config::arguments(p);
@@ -26,7 +29,11 @@ cutlass::Status run_config(const GemmProblem& p, void* workspace, cudaStream_t s
   if (status != cutlass::Status::kSuccess) return status;
   status = gemm.initialize(args, workspace, stream);
   if (status != cutlass::Status::kSuccess) return status;
-  return gemm.run(stream);
+  if constexpr (Programmatic) {
+    return gemm.run(stream, /*cuda_adapter=*/nullptr, /*launch_with_pdl=*/programmatic_launch_enabled());
+  } else {
+    return gemm.run(stream);
+  }
 }
 
 }  // namespace smoothserve

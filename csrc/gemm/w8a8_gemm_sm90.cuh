@@ -205,7 +205,7 @@ size_t workspace_size(const GemmProblem& p) {
 
 template <GemmConfig C, typename ElementOut, typename ElementBias>
 cutlass::Status run(const GemmProblem& p, void* workspace, cudaStream_t stream) {
-  return run_config<typename ConfigOf<C, ElementOut, ElementBias>::type>(p, workspace, stream);
+  return run_config<typename ConfigOf<C, ElementOut, ElementBias>::type, /*Programmatic=*/true>(p, workspace, stream);
 }
 
 // One translation unit per configuration compiles both output dtypes (parallel builds).

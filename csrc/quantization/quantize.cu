@@ -13,6 +13,8 @@ namespace {
 template <typename T, bool Vectorized>
 __global__ void quantize_per_token_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                           float* __restrict__ scales, int64_t k) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const T* row = x + blockIdx.x * k;
   float absmax = 0.0f;
   for_each<Vectorized>(row, k, [&](int64_t, float v) { absmax = fmaxf(absmax, fabsf(v)); });
@@ -23,6 +25,8 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int8_t* __res
 
 template <typename T>
 __global__ void absmax_kernel(const T* __restrict__ x, float* __restrict__ absmax, int64_t numel) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   float local = 0.0f;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x)
     local = fmaxf(local, fabsf(static_cast<float>(x[i])));
@@ -35,6 +39,8 @@ template <typename T, bool FromAbsmax>
 __global__ void quantize_tensor_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                        const float* __restrict__ scale_or_absmax, float* __restrict__ scale_out,
                                        int64_t numel) {
+  wait_for_prior_grids();  // PDL: see cuda_utils.h
+  allow_next_grid();
   const float scale = FromAbsmax ? scale_from_absmax(*scale_or_absmax) : *scale_or_absmax;
   if (FromAbsmax && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x)
@@ -67,7 +73,8 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_per_token(const torch::Tensor&
     const scalar_t* xs = x.data_ptr<scalar_t>();
     auto kernel = rows_vectorizable(xs, x.size(1)) ? quantize_per_token_kernel<scalar_t, true>
                                                    : quantize_per_token_kernel<scalar_t, false>;
-    kernel<<<x.size(0), kBlockThreads, 0, stream>>>(xs, q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(1));
+    launch_kernel(kernel, x.size(0), kBlockThreads, 0, stream, xs, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                  x.size(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, scales};
@@ -82,9 +89,9 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_per_tensor(const torch::Tensor
   const int64_t numel = x.numel();
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_tensor", [&] {
-    absmax_kernel<scalar_t><<<grid_for(numel), kBlockThreads, 0, stream>>>(x.data_ptr<scalar_t>(),
-                                                                           absmax.data_ptr<float>(), numel);
-    quantize_tensor_kernel<scalar_t, true><<<grid_for(numel), kBlockThreads, 0, stream>>>(
+    launch_kernel(absmax_kernel<scalar_t>, grid_for(numel), kBlockThreads, 0, stream, x.data_ptr<scalar_t>(),
+                  absmax.data_ptr<float>(), numel);
+    launch_kernel(quantize_tensor_kernel<scalar_t, true>, grid_for(numel), kBlockThreads, 0, stream,
         x.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), absmax.data_ptr<float>(), scale.data_ptr<float>(), numel);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -101,7 +108,7 @@ torch::Tensor quantize_static(const torch::Tensor& x, const torch::Tensor& scale
   if (numel == 0) return q;
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_static", [&] {
-    quantize_tensor_kernel<scalar_t, false><<<grid_for(numel), kBlockThreads, 0, stream>>>(
+    launch_kernel(quantize_tensor_kernel<scalar_t, false>, grid_for(numel), kBlockThreads, 0, stream,
         x.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr, numel);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -136,13 +136,25 @@ class OPTDecoderLayer(nn.Module):
         out = self.fc2(self.activation(self.fc1(x)))
         return all_reduce(out) if self.sharded else out
 
-    def forward(self, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, metadata: AttentionMetadata, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream; pending: the layer before's MLP output, not yet added to it.
+
+        Returns the same pair for the next layer. A pre-LN layer leaves its MLP output pending, so that the
+        residual add runs inside the next layer's first LayerNorm (one kernel, where W8A8 quantizes too)."""
         if self.pre_layer_norm:  # 125m, 1.3b ... 175b
-            x, normed = self.final_layer_norm.add_and_norm(x, self.self_attn(self.self_attn_layer_norm(x), metadata))
-            return x + self.mlp(normed)
+            if pending is None:
+                normed = self.self_attn_layer_norm(x)
+            else:
+                x, normed = self.self_attn_layer_norm.add_and_norm(x, pending)
+            x, normed = self.final_layer_norm.add_and_norm(x, self.self_attn(normed, metadata))
+            return x, self.mlp(normed)
         # 350m: normalize after each residual add
+        if pending is not None:
+            x = x + pending
         x = self.self_attn_layer_norm(x + self.self_attn(x, metadata))
-        return self.final_layer_norm(x + self.mlp(x))
+        return self.final_layer_norm(x + self.mlp(x)), None
 
 
 class OPTDecoder(nn.Module):
@@ -164,10 +176,13 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)  # [T, hidden]
         x = x + self.embed_positions(positions + POSITION_OFFSET)
+        pending = None  # the last layer's MLP output, not yet added to the residual stream
         for layer in self.layers:
-            x = layer(x, metadata)
+            x, pending = layer(x, metadata, pending)
         if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
+            x = self.final_layer_norm(x) if pending is None else self.final_layer_norm.add_and_norm(x, pending)[1]
+        elif pending is not None:
+            x = x + pending
         if self.project_out is not None:
             x = self.project_out(x)  # [T, embed_dim]
         return x
