@@ -49,10 +49,7 @@ def extension_build() -> tuple[list, dict]:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     sources.append("csrc/torch_bindings.cpp")
-    # CUTLASS_ENABLE_GDC_FOR_SM90: the sm90 GEMMs wait for the kernel before them (griddepcontrol), so they
-    # can be launched with programmatic dependent launch (csrc/cuda_utils.h).
-    nvcc_flags = ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr", "--use_fast_math",
-                  "-DCUTLASS_ENABLE_GDC_FOR_SM90"]  # fmt: skip
+    nvcc_flags = ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr", "--use_fast_math"]
     extension = CUDAExtension(
         name="engine._C",
         sources=sources,

@@ -31,8 +31,8 @@ inline int compute_capability_minor() { return device_attribute(cudaDevAttrCompu
 // calls `wait_for_prior_grids()` before its first global memory access, read or write (it returns once
 // the kernels before it have completed and their writes are visible), and may then call
 // `allow_next_grid()` to let the kernel after it be scheduled early in turn. Both are no-ops before sm90
-// and in a kernel launched without the attribute. CUTLASS's sm90 GEMMs keep the same contract when built
-// with CUTLASS_ENABLE_GDC_FOR_SM90 (setup.py). SMOOTHSERVE_PDL=0 turns it off (for A/B timing).
+// and in a kernel launched without the attribute. CUTLASS's sm90 GEMMs keep the same contract (see
+// gemm/w8a8_gemm_sm90.cuh). SMOOTHSERVE_PDL=0 turns it off (for A/B timing).
 __device__ __forceinline__ void wait_for_prior_grids() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

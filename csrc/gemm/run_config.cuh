@@ -19,8 +19,8 @@ size_t config_workspace_size(const GemmProblem& p) {
   return Config::Gemm::get_workspace_size(Config::arguments(p));
 }
 
-// Programmatic: launch with PDL where enabled (cuda_utils.h); only for CUTLASS 3 (sm90) kernels built
-// with CUTLASS_ENABLE_GDC_FOR_SM90, which wait for the kernel before them ahead of any global access.
+// Programmatic: launch with PDL where enabled (cuda_utils.h); only for CUTLASS 3 (sm90) kernels built with
+// CUTLASS_GDC_ENABLED (w8a8_gemm_sm90.cuh), which wait for the kernel before them ahead of any global access.
 template <typename Config, bool Programmatic = false>
 cutlass::Status run_config(const GemmProblem& p, void* workspace, cudaStream_t stream) {
   typename Config::Gemm gemm;

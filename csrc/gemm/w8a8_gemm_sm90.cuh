@@ -12,6 +12,17 @@
 // narrow N tile. The output is then written column-major, which is `out` row-major.
 #pragma once
 
+// Programmatic dependent launch (csrc/cuda_utils.h): CUTLASS's sm90 producer warps wait for the kernel
+// before them (griddepcontrol.wait) ahead of their first loads when CUTLASS_GDC_ENABLED is set, so
+// run_config launches these kernels with PDL. Set here, before any CUTLASS header, rather than through
+// CUTLASS_ENABLE_GDC_FOR_SM90: that flag also compiles an early-trigger block in the Stream-K cooperative
+// kernel which does not build in CUTLASS 4.2 (a const member function binds a member to a non-const
+// reference). Without that block those kernels let the next one start as they exit.
+#if !defined(CUTLASS_GDC_ENABLED) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CUTLASS_GDC_ENABLED
+#endif
+
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
