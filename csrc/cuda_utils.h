@@ -6,23 +6,42 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <c10/cuda/CUDAMacros.h>
+
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <utility>
 
 namespace smoothserve {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline int device_attribute(cudaDeviceAttr attribute) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, c10::cuda::current_device()));
-  return value;
+// What the ops ask of the current device on every call, read once per device: an eager prefill step of
+// OPT-30B launches ~400 kernels and asked the driver ~2000 times (a millisecond of host time).
+struct DeviceFacts {
+  int sm_count;
+  int major;
+  int minor;
+};
+
+inline const DeviceFacts& device_facts(int device) {
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "device index ", device, " out of range");
+  static std::once_flag once[C10_COMPILE_TIME_MAX_GPUS];
+  static DeviceFacts facts[C10_COMPILE_TIME_MAX_GPUS];
+  std::call_once(once[device], [device] {
+    DeviceFacts& f = facts[device];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.sm_count, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, device));
+  });
+  return facts[device];
 }
 
-inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
-inline int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapabilityMajor); }
-inline int compute_capability_minor() { return device_attribute(cudaDevAttrComputeCapabilityMinor); }
+inline int current_device_index() { return c10::cuda::current_device(); }
+inline int sm_count() { return device_facts(current_device_index()).sm_count; }
+inline int compute_capability_major() { return device_facts(current_device_index()).major; }
+inline int compute_capability_minor() { return device_facts(current_device_index()).minor; }
 
 // Programmatic dependent launch (PDL, Hopper on). A kernel launched with `launch_kernel` may be scheduled
 // while the kernel before it in the stream (or CUDA graph) is still running, so its launch and prologue

@@ -319,8 +319,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // A power of two from load_tokens to kMaxPartitionTokens.
 int choose_partition_tokens(int rows, int device, int load_tokens) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = device_facts(device).sm_count;
   int tokens = kMaxPartitionTokens;
   while (tokens > load_tokens && int64_t(rows) * (kMaxPartitionTokens / tokens) < int64_t(kCtasPerSm) * sms)
     tokens /= 2;

@@ -52,8 +52,9 @@ template <typename WorkspaceSize, typename Run>
 void run_kernel(const char* op, const GemmProblem& p, const torch::Tensor& like, WorkspaceSize workspace_size,
                 Run run) {
   const size_t bytes = workspace_size(p);
-  auto workspace = torch::empty({static_cast<int64_t>(bytes)}, like.options().dtype(torch::kUInt8));
-  const cutlass::Status status = run(p, workspace.data_ptr(), current_stream());
+  torch::Tensor workspace;  // most decode and data-parallel configurations need none
+  if (bytes > 0) workspace = torch::empty({static_cast<int64_t>(bytes)}, like.options().dtype(torch::kUInt8));
+  const cutlass::Status status = run(p, bytes > 0 ? workspace.data_ptr() : nullptr, current_stream());
   TORCH_CHECK(status == cutlass::Status::kSuccess, op, ": CUTLASS failed: ", cutlassGetStatusString(status),
               " (M=", p.m, ", N=", p.n, ", K=", p.k, ")");
 }
@@ -110,9 +111,13 @@ template <typename ElementOut, typename ElementBias>
 void run_sm90(const char* op, const GemmProblem& problem, const torch::Tensor& like) {
   using sm90::GemmConfig;
   constexpr bool kInt8Out = std::is_same_v<ElementOut, int8_t>;
-  const Sm90Schedule schedule = sm90_schedule(problem, sm_count(), kInt8Out);
+  const int device = current_device_index();
+  const int sms = device_facts(device).sm_count;
+  const Sm90Schedule schedule = sm90_schedule(problem, sms, kInt8Out);
   GemmProblem p = problem;
   p.splits = schedule.splits;
+  p.sm_count = sms;
+  p.device = device;
   auto launch = [&](auto config_tag) {
     constexpr GemmConfig C = decltype(config_tag)::value;
     run_kernel(op, p, like, &sm90::workspace_size<C, ElementOut, ElementBias>, &sm90::run<C, ElementOut, ElementBias>);

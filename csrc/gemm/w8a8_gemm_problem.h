@@ -31,6 +31,9 @@ struct GemmProblem {
   // s > 1 forces split-K, every output tile's K cut into s equal slices. The dispatcher chooses it
   // (w8a8_gemm.cu); the data-parallel sm90 configurations ignore it.
   int splits = 1;
+  // The device's SM count, which CUTLASS 3 would otherwise ask the driver for several times per call.
+  int sm_count = 0;
+  int device = 0;
 };
 
 }  // namespace smoothserve

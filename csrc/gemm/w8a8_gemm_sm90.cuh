@@ -150,6 +150,8 @@ struct W8A8GemmSm90 {
         {kernel_a, stride_a, kernel_b, stride_b},
         {epilogue, nullptr, stride_d, static_cast<ElementOut*>(p.out), stride_d},
     };
+    args.hw_info.device_id = p.device;
+    args.hw_info.sm_count = p.sm_count;  // 0 (unset): CUTLASS asks the driver
     if constexpr (std::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
       using Decomposition = cutlass::gemm::kernel::detail::DecompositionMode;
       // splits > 1: every tile's K in equal slices, the first slice's CTA storing its int32 partial to
