@@ -3,10 +3,9 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAMacros.h>
 
 #include <cstdlib>
 #include <cstring>

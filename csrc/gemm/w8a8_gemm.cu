@@ -104,6 +104,7 @@ Sm90Schedule sm90_schedule(const GemmProblem& p, int sms, bool int8_out) {
   // Larger M: 128x256 tiles, CUTLASS's own stream-K heuristic. Measured on the H100, kM256 in its place
   // was slower for OPT-13B out_proj at M = 512 (33.3 us against 31.0 us, 80 tiles of 128x256).
   if (p.m > 256) return {GemmConfig::kLarge, 1};
+  // The int8 output at 64 < M <= 256 (no kM256 build): the same tiles, split in 2 where they are few.
   return {GemmConfig::kLarge, splits_for(ceil_div(p.m, 128) * ceil_div(p.n, 256), ceil_div(p.k, 128), sms)};
 }
 

@@ -20,8 +20,7 @@ namespace smoothserve::sm90 {
 //   kSwapM64        M <= 64   swapped, 128x64x128, cooperative, stream-K scheduler
 //   kSwapM16Narrow  M <= 16   swapped, 64x16x256, one CTA per tile (no workspace), for N <= 64 x SMs
 //   kSwapM64Narrow  M <= 64   swapped, 64x64x256, 2x1 cluster, one CTA per tile, for N <= 64 x SMs
-//   kM256           M <= 256  128x128x128, 1x2 cluster, cooperative, stream-K scheduler; also larger M
-//                             where kLarge's tiles would leave a quarter of the SMs idle
+//   kM256           M <= 256  128x128x128, 1x2 cluster, cooperative, stream-K scheduler
 //   kLarge          M > 256   128x256x128, 2x1 cluster, cooperative, stream-K scheduler
 // "Swapped" computes out^T = W A^T so that the weights fill the MMA's M side (w8a8_gemm_sm90.cuh). The
 // stream-K scheduler's configurations take GemmProblem::splits: 1 for CUTLASS's heuristic (whole tiles
